@@ -1,0 +1,203 @@
+"""Speed of rlsp against transformers on the same model, batch, lengths and dtype, in one run.
+
+    python bench.py                                   # CPU: SmolLM2-135M-Instruct fp32, 16 prompts x 128 tokens
+    python bench.py --device cuda --dtype bfloat16    # GPU: random weights at Qwen2.5-0.5B / 1.5B shapes
+
+Three measurements, each printed as rlsp, transformers and the ratio: sampling (new tokens/s, every
+row forced to full length), prefill (prompt tokens/s) and a training forward+backward (tokens/s).
+On GPU the sampler is also reported as a fraction of the memory-bandwidth roofline: each decode step
+must at least read every weight and the KV cache written so far once.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from model import Tokenizer, Transformer, generate
+
+# Real Qwen2.5 shapes (their config.json, minus the vocabulary files), for random-weight GPU runs.
+QWEN_SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, tie_word_embeddings=True),
+}
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
+
+
+def write_qwen_config(path, shape):
+    cfg = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, rms_norm_eps=1e-6,
+               max_position_embeddings=32768, rope_theta=1000000.0, use_sliding_window=False,
+               bos_token_id=151643, eos_token_id=151645, **QWEN_SHAPES[shape])
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def random_checkpoint(shape, folder):
+    """Random weights at a real shape, saved in HF layout so both implementations load the same tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    write_qwen_config(folder, shape)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
+def timed(fn, device, repeats=1):
+    fn()  # warm-up (kernels, allocator, lazy init)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def prompts_for(args, vocab_size):
+    """Different prompts of different lengths: MATH-500 problems through the chat template when the
+    model has a tokenizer, else random ids of 40-120 tokens."""
+    g = torch.Generator().manual_seed(0)
+    data = os.path.join(args.data_dir, "math500.jsonl")
+    if os.path.isfile(os.path.join(args.model, "tokenizer.json")) and os.path.isfile(data):
+        tok = Tokenizer.from_pretrained(args.model)
+        with open(data) as f:
+            problems = [json.loads(line)["problem"] for line in f][:args.batch]
+        return [tok.apply_chat_template([{"role": "user", "content": p}])[:args.max_prompt] for p in problems]
+    lengths = torch.randint(40, 121, (args.batch,), generator=g).tolist()
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def bench_sampling(args, ours, ref, prompts, device):
+    n_new = args.batch * args.new_tokens
+
+    def run_ours():
+        outs = generate(ours, prompts, args.new_tokens, temperature=0)
+        assert all(len(c.tokens) == args.new_tokens for c in outs)
+
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+
+    def run_ref():
+        with torch.inference_mode():
+            out = ref.generate(ids, attention_mask=attn, max_new_tokens=args.new_tokens,
+                               min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == P + args.new_tokens
+
+    t_ours, t_ref = timed(run_ours, device), timed(run_ref, device)
+    return n_new / t_ours, n_new / t_ref
+
+
+def bench_prefill(args, ours, ref, device):
+    ids = torch.randint(0, ours.config.vocab_size, (args.prefill_batch, args.prefill_len), device=device)
+    with torch.inference_mode():
+        t_ours = timed(lambda: ours.lm_head(ours.hidden_states(ids)[:, -1]), device, 3)
+        t_ref = timed(lambda: ref(ids, logits_to_keep=1), device, 3)
+    return ids.numel() / t_ours, ids.numel() / t_ref
+
+
+def bench_training(args, ours, ref, device):
+    ids = torch.randint(0, ours.config.vocab_size, (args.train_batch, args.train_len + 1), device=device)
+    x, y = ids[:, :-1], ids[:, 1:]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step_ours():
+        with autocast:
+            (-ours.logprobs(x, y).mean()).backward()
+
+    def step_ref():
+        with autocast:
+            logits = ref(x).logits.float()
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+
+    ours.train(), ref.train()
+    t_ours, t_ref = timed(step_ours, device, 2), timed(step_ref, device, 2)
+    ours.eval(), ref.eval()
+    ours.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+    return x.numel() / t_ours, x.numel() / t_ref
+
+
+def roofline_fraction(model, prompts, new_tokens, tokens_per_s, batch, device):
+    """Achieved bytes/s over peak: per decode step, all weights + the mean KV cache are read once."""
+    name = torch.cuda.get_device_name(device)
+    peak = next((bw for k, bw in PEAK_BANDWIDTH.items() if k in name), None)
+    if peak is None:
+        return None
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * elem
+    mean_ctx = sum(len(p) for p in prompts) / len(prompts) + new_tokens / 2
+    kv = batch * mean_ctx * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem
+    steps_per_s = tokens_per_s / batch
+    return (weights + kv) * steps_per_s / peak
+
+
+def run(args, path, label, device, dtype):
+    from transformers import AutoModelForCausalLM
+    ours = Transformer.from_pretrained(path, device=device, dtype=dtype)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    prompts = prompts_for(args, ours.config.vocab_size)
+    rows = []
+    s = bench_sampling(args, ours, ref, prompts, device)
+    rows.append((f"sampling, new tokens/s (batch {args.batch} x {args.new_tokens})", *s))
+    if device.type == "cuda":
+        frac = roofline_fraction(ours, prompts, args.new_tokens, s[0], args.batch, device)
+        if frac is not None:
+            print(f"{label}: rlsp sampler reaches {frac:.1%} of the memory-bandwidth roofline")
+    rows.append((f"prefill, tokens/s ({args.prefill_batch} x {args.prefill_len})", *bench_prefill(args, ours, ref, device)))
+    rows.append((f"train fwd+bwd, tokens/s ({args.train_batch} x {args.train_len})", *bench_training(args, ours, ref, device)))
+    print(f"\n{label} ({dtype}, {device_name(device)})")
+    print(f"| {'measure':<42} | {'rlsp':>9} | {'transformers':>12} | {'ratio':>6} |")
+    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 14}|{'-' * 8}|")
+    for name, a, b in rows:
+        print(f"| {name:<42} | {a:9.1f} | {b:12.1f} | {a / b:5.2f}x |")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.join(".cache", "tests", "SmolLM2-135M-Instruct"),
+                   help="HF model folder for the CPU run (default: the SmolLM2 test fixture)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b", help="GPU: random-weight shapes to bench")
+    p.add_argument("--batch", type=int, default=None, help="prompts (default 16 on CPU, 64 on GPU)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 128 CPU, 512 GPU)")
+    p.add_argument("--max-prompt", type=int, default=256, help="prompts are cut to this many tokens")
+    p.add_argument("--prefill-batch", type=int, default=4)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-len", type=int, default=256)
+    p.add_argument("--data-dir", default=os.environ.get("RLSP_DATA_DIR", os.path.join("..", "shared", "data")))
+    args = p.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    args.batch = args.batch or (64 if gpu else 16)
+    args.new_tokens = args.new_tokens or (512 if gpu else 128)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for shape in args.shapes.split(","):
+            with tempfile.TemporaryDirectory() as folder:
+                args.model = random_checkpoint(shape, folder)
+                run(args, folder, f"{shape} (random weights)", device, dtype)
+    else:
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            import sys
+            sys.path.insert(0, "tests")
+            from conftest import smollm2_path
+            args.model = smollm2_path()
+        run(args, args.model, os.path.basename(os.path.normpath(args.model)), device, dtype)
+
+
+if __name__ == "__main__":
+    main()

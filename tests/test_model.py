@@ -1,0 +1,248 @@
+"""model.py against transformers: logits, cached decoding, batched sampling, save/load, tokenizer, errors."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from model import Config, Tokenizer, Transformer, generate
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def assert_logits_close(ours, ref, tol=1e-4):
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"max abs diff {err:.3g} vs logit scale {scale:.3g}"
+
+
+def random_ids(vocab, B, T, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "smollm2"])
+def test_logits_match_transformers(fixture, request):
+    path = request.getfixturevalue(fixture)
+    ours, ref = Transformer.from_pretrained(path, device="cpu"), hf_model(path)
+    ids = random_ids(ours.config.vocab_size, 2, 80)
+    with torch.no_grad():
+        assert_logits_close(ours(ids), ref(ids).logits)
+
+
+def test_config_fields(tiny_llama, tiny_qwen):
+    llama, qwen = Config.from_pretrained(tiny_llama), Config.from_pretrained(tiny_qwen)
+    assert (llama.head_dim, llama.num_key_value_heads, llama.tie_word_embeddings, llama.attention_bias) == (32, 2, False, False)
+    assert llama.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    assert (qwen.head_dim, qwen.tie_word_embeddings, qwen.attention_bias, qwen.rope_theta) == (16, True, True, 1e6)
+
+
+def test_transformers4_config_layout(tiny_llama, tmp_path):
+    """The same checkpoint with rope_theta + rope_scaling (transformers 4) instead of rope_parameters."""
+    shutil.copytree(tiny_llama, tmp_path, dirs_exist_ok=True)
+    cfg = json.load(open(tmp_path / "config.json"))
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    a, b = Transformer.from_pretrained(tiny_llama, device="cpu"), Transformer.from_pretrained(str(tmp_path), device="cpu")
+    assert torch.equal(a.inv_freq, b.inv_freq)
+    ids = random_ids(a.config.vocab_size, 1, 64)
+    with torch.no_grad():
+        assert torch.equal(a(ids), b(ids))
+    # llama3 scaling must change the frequencies (a no-op scaling would hide a bug here)
+    assert not torch.allclose(a.inv_freq, 1.0 / (1e4 ** (torch.arange(0, 32, 2) / 32)))
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_qwen):
+    model = Transformer.from_pretrained(tiny_qwen, device="cpu")
+    cfg = model.config
+    ids = random_ids(cfg.vocab_size, 2, 70)
+    with torch.no_grad():
+        full = model(ids)
+        L, P = 70, 40
+        caches = [tuple(torch.zeros(2, cfg.num_key_value_heads, L, cfg.head_dim) for _ in range(2))
+                  for _ in range(cfg.num_hidden_layers)]
+        h = model.hidden_states(ids[:, :P], None, None, [(k[:, :, :P], v[:, :, :P]) for k, v in caches],
+                                torch.arange(P))
+        steps = [model.lm_head(h)]
+        for t in range(P, L):
+            mask = (torch.arange(L) <= t)[None, None, None].expand(2, 1, 1, L)
+            h = model.hidden_states(ids[:, t:t + 1], torch.full((2, 1), t), mask, caches, torch.tensor([t]))
+            steps.append(model.lm_head(h))
+    assert_logits_close(torch.cat(steps, 1), full)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_llama):
+    model = Transformer.from_pretrained(tiny_llama, device="cpu")
+    prompts = [random_ids(700, 1, n, seed=n)[0].tolist() for n in (5, 17, 9, 30, 12)]
+    # stop on a token that some rows sample early, so the batch gets compacted mid-run
+    alone = [generate(model, [p], 24, temperature=0)[0] for p in prompts]
+    counts = {}
+    for c in alone:
+        for t in c.tokens[:8]:
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=counts.get)
+    alone = [generate(model, [p], 24, temperature=0, stop_token_ids=[stop])[0] for p in prompts]
+    batched = generate(model, prompts, 24, temperature=0, stop_token_ids=[stop], check_every=2)
+    assert any(c.finished for c in alone) and not all(c.finished for c in alone)
+    for a, b in zip(alone, batched):
+        assert a.tokens == b.tokens and a.finished == b.finished
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert len(b.tokens) == len(b.logprobs)
+        if b.finished:
+            assert b.tokens[-1] == stop and stop not in b.tokens[:-1]
+        else:
+            assert len(b.tokens) == 24
+
+
+def test_sampler_logprobs_equal_full_forward(tiny_qwen):
+    model = Transformer.from_pretrained(tiny_qwen, device="cpu")
+    prompts = [random_ids(700, 1, n, seed=n)[0].tolist() for n in (6, 11, 3)]
+    T = 0.7
+    outs = generate(model, prompts, 20, temperature=T, top_p=0.9, top_k=50, seed=3)
+    for p, c in zip(prompts, outs):
+        seq = torch.tensor([p + c.tokens])
+        with torch.no_grad():
+            ref = (model(seq)[0, len(p) - 1:-1] / T).log_softmax(-1)
+        ref = ref.gather(-1, torch.tensor(c.tokens)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+        # the training path gives the same numbers
+        lp = model.logprobs(seq[:, :-1], seq[:, 1:], temperature=T, chunk=7)[0, len(p) - 1:]
+        assert torch.allclose(lp, ref, atol=1e-4)
+
+
+def test_sampling_is_seeded_and_filters(tiny_qwen):
+    model = Transformer.from_pretrained(tiny_qwen, device="cpu")
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    # the tiny model's tied embeddings make it very peaked: a high temperature makes draws differ
+    a = generate(model, prompts, 16, temperature=20.0, seed=7)
+    b = generate(model, prompts, 16, temperature=20.0, seed=7)
+    c = generate(model, prompts, 16, temperature=20.0, seed=8)
+    assert [x.tokens for x in a] == [x.tokens for x in b] != [x.tokens for x in c]
+    greedy = [x.tokens for x in generate(model, prompts, 16, temperature=0)]
+    assert [x.tokens for x in generate(model, prompts, 16, temperature=20.0, top_k=1, seed=1)] == greedy
+    assert [x.tokens for x in generate(model, prompts, 16, temperature=20.0, top_p=1e-6, seed=1)] == greedy
+
+
+def test_logprobs_chunked_gradients(tiny_llama):
+    model = Transformer.from_pretrained(tiny_llama, device="cpu").train()
+    ids = random_ids(700, 2, 33)
+    lp = model.logprobs(ids[:, :-1], ids[:, 1:], temperature=1.0, chunk=5)
+    lp.sum().backward()
+    g_chunked = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    ref = model(ids[:, :-1]).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ref.sum().backward()
+    assert torch.allclose(lp, ref, atol=1e-5)
+    assert torch.allclose(g_chunked, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)
+
+
+def test_greedy_matches_transformers_generate(smollm2):
+    tok = Tokenizer.from_pretrained(smollm2)
+    ours, ref = Transformer.from_pretrained(smollm2, device="cpu"), hf_model(smollm2)
+    questions = ["What is 2 + 2?", "Name a prime number larger than 10.", "Solve x + 3 = 7.",
+                 "What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 12?",
+                 "Explain gravity in one sentence.", "List three colors."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    outs = generate(ours, prompts, 64, temperature=0, stop_token_ids=tok.stop_token_ids)
+    for p, c in zip(prompts, outs):
+        with torch.no_grad():
+            r = ref.generate(torch.tensor([p]), max_new_tokens=64, do_sample=False,
+                             eos_token_id=tok.stop_token_ids, pad_token_id=tok.pad_token_id)
+        assert c.tokens == r[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "smollm2"])
+def test_chat_template_matches_transformers(fixture, request):
+    from transformers import AutoTokenizer
+    path = request.getfixturevalue(fixture)
+    ours, ref = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    for messages in ([{"role": "user", "content": "Problem: What is $1+1$?"}],
+                     [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "Hi  there "},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2 + 2 = ?"}]):
+        for gen in (True, False):
+            expected = ref.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
+            expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+            assert ours.apply_chat_template(messages, add_generation_prompt=gen) == list(expected)
+    text = "Let $x^2 = 16$; then x = \\pm 4.  Done!"
+    assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert ours.decode(ours.encode(text)) == text
+
+
+def test_stop_ids(tiny_llama, tiny_qwen, smollm2):
+    llama = Tokenizer.from_pretrained(tiny_llama)
+    want = {llama.tk.token_to_id(t) for t in ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")}
+    assert set(llama.stop_token_ids) == want
+    qwen = Tokenizer.from_pretrained(tiny_qwen)
+    assert set(qwen.stop_token_ids) == {qwen.tk.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    assert Tokenizer.from_pretrained(smollm2).stop_token_ids == [2]
+
+
+@pytest.mark.parametrize("shard_bytes", [5 * 2**30, 20_000])
+def test_save_pretrained_roundtrip(tiny_qwen, tiny_llama, tmp_path, shard_bytes):
+    for src in (tiny_qwen, tiny_llama):
+        model = Transformer.from_pretrained(src, device="cpu")
+        out = tmp_path / os.path.basename(src)
+        model.save_pretrained(str(out), max_shard_bytes=shard_bytes)
+        assert os.path.isfile(out / ("model.safetensors" if shard_bytes > 1e6 else "model.safetensors.index.json"))
+        ids = random_ids(700, 2, 64)
+        with torch.no_grad():
+            assert_logits_close(hf_model(str(out))(ids).logits, model(ids), tol=1e-6)
+            assert torch.equal(Transformer.from_pretrained(str(out), device="cpu")(ids), model(ids))
+
+
+def test_bf16_load(tiny_llama):
+    model = Transformer.from_pretrained(tiny_llama, device="cpu", dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(random_ids(700, 1, 8)).dtype == torch.float32
+
+
+def edit_config(src, dst, **changes):
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    cfg.update(changes)
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+    return str(dst)
+
+
+def test_errors(tiny_llama, tiny_qwen, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'MistralForCausalLM' \(field 'architectures'\)"):
+        Transformer.from_pretrained(edit_config(tiny_llama, tmp_path / "a", architectures=["MistralForCausalLM"]))
+    with pytest.raises(ValueError, match=r"unsupported rope type 'yarn'"):
+        Transformer.from_pretrained(edit_config(tiny_llama, tmp_path / "b", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}))
+    with pytest.raises(ValueError, match=r"sliding-window attention is not supported \(field 'use_sliding_window'"):
+        Transformer.from_pretrained(edit_config(tiny_qwen, tmp_path / "c", use_sliding_window=True, sliding_window=64))
+    wrong = edit_config(tiny_llama, tmp_path / "d", intermediate_size=100)
+    with pytest.raises(ValueError, match=r"wrong shapes: .*model.layers.0.mlp.gate_proj.weight: \(128, 64\) in file, \(100, 64\) expected"):
+        Transformer.from_pretrained(wrong)
+    more = edit_config(tiny_llama, tmp_path / "e", num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"missing tensors: model.layers.2.input_layernorm.weight"):
+        Transformer.from_pretrained(more)
+    fewer = edit_config(tiny_llama, tmp_path / "f", num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"unexpected tensors: model.layers.1.input_layernorm.weight"):
+        Transformer.from_pretrained(fewer)
+    sharded = tmp_path / "g"
+    Transformer.from_pretrained(tiny_llama, device="cpu").save_pretrained(str(sharded), max_shard_bytes=20_000)
+    shards = sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors"))
+    assert len(shards) > 2
+    os.remove(sharded / shards[1])
+    with pytest.raises(FileNotFoundError, match=shards[1] + " not found"):
+        Transformer.from_pretrained(str(sharded))
+    shutil.copytree(tiny_llama, tmp_path / "h")
+    os.remove(tmp_path / "h" / "chat_template.jinja")
+    cfg = json.load(open(tmp_path / "h" / "tokenizer_config.json"))
+    cfg.pop("chat_template", None)
+    json.dump(cfg, open(tmp_path / "h" / "tokenizer_config.json", "w"))
+    with pytest.raises(ValueError, match="has no chat template"):
+        Tokenizer.from_pretrained(str(tmp_path / "h")).apply_chat_template([{"role": "user", "content": "x"}])
+    model = Transformer.from_pretrained(tiny_llama, device="cpu")
+    with pytest.raises(ValueError, match="exceeds the model's context of 512 tokens"):
+        generate(model, [[1] * 500], 20)
