@@ -1,0 +1,312 @@
+"""verifier.py: equivalence tables, extraction, real datasets, adversarial inputs, throughput, CLI."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import verifier
+from verifier import extract_answer, grade, grade_batch, is_equiv, normalize
+
+# (category, prediction, gold, expected)
+EQUIV = [
+    # integers
+    ("int", "42", "42", True), ("int", "042", "42", True), ("int", "-7", "-7", True), ("int", "+5", "5", True),
+    ("int", "42", "43", False), ("int", "-7", "7", False), ("int", "0", "-0", True), ("int", "10", "1", False),
+    # decimals
+    ("decimal", "0.5", "0.50", True), ("decimal", ".5", "0.5", True), ("decimal", "2.50", "2.5", True),
+    ("decimal", "3.0", "3", True), ("decimal", "3.14", "3.15", False), ("decimal", "0.3333", "\\frac{1}{3}", True),
+    ("decimal", "0.33", "\\frac{1}{3}", False), ("decimal", "1.25", "\\frac54", True), ("decimal", "0.1", "0.01", False),
+    ("decimal", "12.000", "12", True),
+    # fractions
+    ("frac", "\\frac{1}{2}", "0.5", True), ("frac", "\\frac12", "\\frac{1}{2}", True), ("frac", "\\dfrac{1}{2}", "\\frac{1}{2}", True),
+    ("frac", "\\tfrac{3}{4}", "0.75", True), ("frac", "1/2", "\\frac{1}{2}", True), ("frac", "\\frac{2}{4}", "\\frac{1}{2}", True),
+    ("frac", "\\frac{1}{3}", "\\frac{1}{2}", False), ("frac", "-\\frac{1}{2}", "\\frac{-1}{2}", True),
+    ("frac", "\\frac{1}{2}", "-\\frac{1}{2}", False), ("frac", "\\frac{10}{3}", "\\frac{3}{10}", False),
+    ("frac", "\\frac{x}{2}", "\\frac{1}{2}x", True), ("frac", "\\frac{x+1}{2}", "\\frac{x}{2}+1", False),
+    # mixed numbers
+    ("mixed", "2\\frac{1}{2}", "\\frac{5}{2}", True), ("mixed", "2\\frac{1}{2}", "2.5", True),
+    ("mixed", "1\\frac{3}{4}", "\\frac{7}{4}", True), ("mixed", "2\\frac{1}{2}", "1", False),
+    ("mixed", "3\\frac{1}{3}", "\\frac{10}{3}", True), ("mixed", "3\\frac{1}{3}", "\\frac{11}{3}", False),
+    # radicals
+    ("radical", "\\sqrt{2}", "\\sqrt2", True), ("radical", "2\\sqrt{2}", "\\sqrt{8}", True),
+    ("radical", "\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True), ("radical", "\\sqrt{3}", "\\sqrt{2}", False),
+    ("radical", "\\sqrt[3]{8}", "2", True), ("radical", "\\sqrt[3]{9}", "3", False), ("radical", "3\\sqrt{5}", "\\sqrt{45}", True),
+    ("radical", "\\sqrt{12}", "3\\sqrt{2}", False), ("radical", "\\frac{3+\\sqrt{5}}{2}", "\\frac{3}{2}+\\frac{\\sqrt{5}}{2}", True),
+    ("radical", "\\frac{3-\\sqrt{5}}{2}", "\\frac{3+\\sqrt{5}}{2}", False),
+    # powers
+    ("power", "2^{10}", "1024", True), ("power", "2^10", "1024", True), ("power", "x^2", "x\\cdot x", True),
+    ("power", "x^{2}", "x^3", False), ("power", "2^{-1}", "\\frac{1}{2}", True), ("power", "(x+1)^2", "x^2+2x+1", True),
+    ("power", "(x+1)^2", "x^2+1", False), ("power", "4^{1/2}", "2", True), ("power", "10^{3}", "1000", True),
+    ("power", "3^4", "81", True), ("power", "3^4", "64", False),
+    # pi, e
+    ("const", "2\\pi", "2 \\pi", True), ("const", "\\pi", "3.14159", True), ("const", "\\frac{\\pi}{2}", "\\frac{1}{2}\\pi", True),
+    ("const", "\\pi", "3", False), ("const", "e^2", "e\\cdot e", True), ("const", "e", "2.71828", True),
+    ("const", "2\\pi", "\\pi", False), ("const", "\\pi r^2", "r^2\\pi", True), ("const", "e^{2}", "e^{3}", False),
+    # complex
+    ("complex", "3+4i", "4i+3", True), ("complex", "i", "\\sqrt{-1}", True), ("complex", "1-i", "1+i", False),
+    ("complex", "-i", "i", False), ("complex", "\\frac{1}{2}+\\frac{\\sqrt{3}}{2}i", "\\frac{1+i\\sqrt{3}}{2}", True),
+    ("complex", "2i", "i+i", True), ("complex", "3-4i", "3+4i", False),
+    # trig and logs
+    ("trig", "\\sin(\\frac{\\pi}{6})", "\\frac{1}{2}", True), ("trig", "\\cos 0", "1", True), ("trig", "\\tan(\\frac{\\pi}{4})", "1", True),
+    ("trig", "\\sin^2 x + \\cos^2 x", "1", True), ("trig", "\\sin x", "\\cos x", False), ("trig", "\\sin(\\frac{\\pi}{6})", "\\frac{\\sqrt{3}}{2}", False),
+    ("trig", "\\arctan 1", "\\frac{\\pi}{4}", True), ("trig", "\\sec x", "\\frac{1}{\\cos x}", True),
+    ("log", "\\log_2 8", "3", True), ("log", "\\ln e", "1", True), ("log", "\\log_2 8", "4", False), ("log", "\\ln(e^3)", "3", True),
+    ("log", "\\log_3 81", "4", True), ("log", "2\\ln 2", "\\ln 4", True), ("log", "\\ln 2", "\\ln 3", False),
+    # binomials
+    ("binom", "\\binom{5}{2}", "10", True), ("binom", "\\dbinom{6}{3}", "20", True), ("binom", "\\binom{5}{2}", "\\binom{5}{3}", True),
+    ("binom", "\\binom{5}{2}", "5", False), ("binom", "\\tbinom{4}{2}", "6", True), ("binom", "\\binom{7}{1}", "6", False),
+    # factorials
+    ("factorial", "5!", "120", True), ("factorial", "5!", "24", False), ("factorial", "\\frac{6!}{4!}", "30", True),
+    ("factorial", "3!\\cdot 2!", "12", True), ("factorial", "0!", "1", True), ("factorial", "4!", "4", False),
+    # scientific notation
+    ("sci", "3\\times10^{5}", "300000", True), ("sci", "3 \\times 10^5", "300000", True), ("sci", "1.5\\times10^{3}", "1500", True),
+    ("sci", "3\\times10^{5}", "30000", False), ("sci", "2.5\\times 10^{-2}", "0.025", True), ("sci", "6.02\\times10^{23}", "6.02\\times10^{22}", False),
+    # percentages
+    ("percent", "50\\%", "50", True), ("percent", "50%", "50", True), ("percent", "50\\%", "5", False), ("percent", "12.5\\%", "12.5", True),
+    ("percent", "25\\%", "30\\%", False), ("percent", "100\\%", "100", True),
+    # degrees
+    ("degree", "30^\\circ", "30", True), ("degree", "30^{\\circ}", "30", True), ("degree", "45^\\circ", "30", False),
+    ("degree", "90°", "90", True), ("degree", "120^\\circ", "120^{\\circ}", True), ("degree", "60\\text{ degrees}", "60", True),
+    ("degree", "60^\\circ", "120^\\circ", False),
+    # units and text wrappers
+    ("units", "5\\text{ cm}", "5", True), ("units", "12 \\text{ inches}", "12", True), ("units", "\\$18.90", "18.90", True),
+    ("units", "7\\text{ units}", "8", False), ("units", "15 \\mbox{ cm}^2", "15", True), ("units", "3\\text{ feet}", "3", True),
+    ("units", "100 \\text{ dollars}", "10", False), ("units", "4\\text{ hours}", "4", True),
+    # thousands separators
+    ("thousands", "1,000", "1000", True), ("thousands", "1{,}000", "1000", True), ("thousands", "12,345,678", "12345678", True),
+    ("thousands", "1,000", "100", False), ("thousands", "1,000,000", "10^6", True), ("thousands", "2,500.5", "2500.5", True),
+    # leading variable
+    ("leading_var", "x=5", "5", True), ("leading_var", "x = 5", "5", True), ("leading_var", "y=2x+1", "2x+1", True),
+    ("leading_var", "x=5", "6", False), ("leading_var", "k = \\frac{1}{2}", "0.5", True), ("leading_var", "f(x)=x^2", "x^2", True),
+    ("leading_var", "\\theta = 30^\\circ", "30", True), ("leading_var", "a=3", "b=3", True),
+    # equations
+    ("equation", "y = 2x+1", "2x+1", True), ("equation", "y=2x+1", "y=1+2x", True), ("equation", "y=2x+1", "y=2x-1", False),
+    ("equation", "x+y=5", "y+x=5", True), ("equation", "x+y=5", "x-y=5", False), ("equation", "x^2+y^2=1", "y^2+x^2=1", True),
+    ("equation", "2x+3y=6", "3y+2x=6", True), ("equation", "y=x", "y=-x", False),
+    # inequalities
+    ("inequality", "x<3", "x < 3", True), ("inequality", "x\\le 3", "x\\leq3", True), ("inequality", "x>2", "2<x", True),
+    ("inequality", "x\\geq 2", "2\\leq x", True), ("inequality", "x<3", "x\\le3", False), ("inequality", "x<3", "x>3", False),
+    ("inequality", "x<\\frac{1}{2}", "x<0.5", True), ("inequality", "x\\ne 1", "x\\neq 1", True),
+    # intervals
+    ("interval", "(1,2)", "(1,2)", True), ("interval", "[1,2]", "[1, 2]", True), ("interval", "(1,2]", "(1,2)", False),
+    ("interval", "[1,2)", "(1,2)", False), ("interval", "(-\\infty, 3)", "(-\\infty,3)", True), ("interval", "(-\\infty, 3]", "(-\\infty,3)", False),
+    ("interval", "(0,\\infty)", "(0, \\infty)", True), ("interval", "(-\\infty,0)\\cup(1,\\infty)", "(-\\infty, 0) \\cup (1, \\infty)", True),
+    ("interval", "(-\\infty,0)\\cup(1,\\infty)", "(-\\infty,0)\\cup[1,\\infty)", False), ("interval", "[\\frac{1}{2}, 3)", "[0.5,3)", True),
+    ("interval", "(1,2)\\cup(3,4)", "(1,2)", False), ("interval", "\\left[ 2, 5 \\right)", "[2,5)", True),
+    # sets (unordered)
+    ("set", "\\{1,2,3\\}", "\\{3,2,1\\}", True), ("set", "\\{1,2\\}", "\\{1,2,3\\}", False), ("set", "\\{1,2\\}", "\\{1,3\\}", False),
+    ("set", "\\{\\frac12, 2\\}", "\\{2, 0.5\\}", True), ("set", "\\{-1, 1\\}", "\\{1, -1\\}", True), ("set", "\\{1,1,2\\}", "\\{1,2,2\\}", False),
+    # lists of solutions (unordered)
+    ("list", "1, 2", "2, 1", True), ("list", "1,2,3", "3,1,2", True), ("list", "1, 2", "1, 3", False),
+    ("list", "-2, 3", "3, -2", True), ("list", "\\sqrt{2}, -\\sqrt{2}", "-\\sqrt2,\\sqrt2", True), ("list", "1, 2", "1", False),
+    ("list", "x=1, x=2", "1, 2", False), ("list", "1,-1", "-1,1", True),
+    # tuples / points (ordered)
+    ("tuple", "(1,2)", "(2,1)", False), ("tuple", "(1, 2, 3)", "(1,2,3)", True), ("tuple", "(\\frac{1}{2}, 3)", "(0.5, 3)", True),
+    ("tuple", "(1,2,3)", "(1,2)", False), ("tuple", "(-1, \\sqrt{3})", "(-1,\\sqrt3)", True), ("tuple", "(3, -4)", "(3,4)", False),
+    ("tuple", "(0, 0)", "(0,0)", True),
+    # vectors and matrices
+    ("matrix", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    ("matrix", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}", False),
+    ("matrix", "\\begin{pmatrix} 1 & 0 \\\\ 0 & 1 \\end{pmatrix}", "\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}", True),
+    ("matrix", "\\begin{pmatrix} \\frac{1}{2} \\\\ 0.25 \\end{pmatrix}", "\\begin{pmatrix} 0.5 \\\\ \\frac14 \\end{pmatrix}", True),
+    ("matrix", "\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False),
+    ("matrix", "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}", "\\begin{bmatrix} 1 & 2 \\\\ 3 & 5 \\end{bmatrix}", False),
+    ("matrix", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1,2)", False),
+    # base subscripts
+    ("base", "1011_2", "1011_2", True), ("base", "1011_{2}", "1011_2", True), ("base", "1011", "1011_2", True),
+    ("base", "1010_2", "1011_2", False), ("base", "11", "1011_2", False), ("base", "2A_{16}", "2A_{16}", True),
+    # text answers
+    ("text", "\\text{Monday}", "Monday", True), ("text", "monday", "\\text{Monday}", True), ("text", "Tuesday", "Monday", False),
+    ("text", "\\text{(C)}", "C", True), ("text", "(C)", "\\text{(C)}", True), ("text", "(B)", "(C)", False),
+    ("text", "\\textbf{yes}", "yes", True), ("text", "no", "yes", False), ("text", "\\text{even}", "\\text{odd}", False),
+    ("text", "C", "(C)", True),
+    # expressions
+    ("expr", "2x+3", "3+2x", True), ("expr", "x^2-1", "(x-1)(x+1)", True), ("expr", "2(x+1)", "2x+2", True),
+    ("expr", "2x+3", "2x-3", False), ("expr", "ab", "ba", True), ("expr", "a+b", "ab", False),
+    ("expr", "\\frac{x^2-1}{x-1}", "x+1", True), ("expr", "x_1+x_2", "x_2+x_1", True), ("expr", "x_1", "x_2", False),
+    ("expr", "\\alpha+\\beta", "\\beta+\\alpha", True), ("expr", "|x-1|", "|1-x|", True), ("expr", "|-3|", "3", True),
+    # more of each, from MATH-style answers
+    ("frac", "\\frac{7}{2}", "3.5", True), ("frac", "\\frac{22}{7}", "\\pi", False), ("frac", "\\frac{-3}{4}", "-0.75", True),
+    ("radical", "\\sqrt{50}", "5\\sqrt{2}", True), ("radical", "4\\sqrt{3}", "\\sqrt{48}", True), ("radical", "\\sqrt{2}+\\sqrt{3}", "\\sqrt{5}", False),
+    ("power", "x^{-2}", "\\frac{1}{x^2}", True), ("power", "2^{3}\\cdot 2^{2}", "2^5", True), ("power", "2^{3}\\cdot 2^{2}", "2^6", False),
+    ("const", "\\frac{4}{3}\\pi", "\\frac{4\\pi}{3}", True), ("const", "\\pi^2", "2\\pi", False),
+    ("trig", "\\cos^2 x", "1-\\sin^2 x", True), ("trig", "\\cos(\\pi)", "1", False),
+    ("int", "1000000", "10^6", True), ("int", "999", "1000", False),
+    ("tuple", "(2, \\frac{\\pi}{3})", "(2,\\frac{\\pi}{3})", True), ("tuple", "(2, \\frac{\\pi}{3})", "(2,\\frac{2\\pi}{3})", False),
+    ("set", "\\{0\\}", "\\{0\\}", True), ("set", "\\{0\\}", "0", False),
+    ("expr", "x^3+3x^2+3x+1", "(x+1)^3", True), ("expr", "(x+1)^3", "x^3+1", False), ("expr", "\\frac{a}{b}", "a b^{-1}", True),
+    ("sci", "5\\times10^{-3}", "0.005", True), ("sci", "5\\times10^{-3}", "0.05", False),
+    ("percent", "0.5\\%", "0.5", True), ("percent", "150\\%", "15", False),
+    ("log", "\\log_{10} 1000", "3", True), ("log", "\\log_{10} 100", "3", False),
+    # abs and misc arithmetic
+    ("arith", "2\\cdot 3", "6", True), ("arith", "2\\times 3", "6", True), ("arith", "6\\div 2", "3", True), ("arith", "(2)(3)", "6", True),
+    ("arith", "2\\cdot 3", "5", False), ("arith", "\\frac{1}{0}", "1", False), ("arith", "", "1", False), ("arith", "1", "", False),
+]
+
+
+def test_table_size_and_balance():
+    cats = {}
+    for cat, _, _, want in EQUIV:
+        cats.setdefault(cat, set()).add(want)
+    assert len(EQUIV) >= 250
+    assert all(v == {True, False} for v in cats.values()), [c for c, v in cats.items() if v != {True, False}]
+
+
+@pytest.mark.parametrize("cat,pred,gold,want", EQUIV)
+def test_equivalence_table(cat, pred, gold, want):
+    assert is_equiv(pred, gold) is want
+    if gold and pred:
+        assert is_equiv(gold, pred) is want or cat in ("leading_var", "equation", "list", "base", "text")
+
+
+EXTRACT = [
+    ("The answer is $\\boxed{5}$.", "last_boxed", "5"),
+    ("\\boxed{\\frac{1}{2}}", "last_boxed", "\\frac{1}{2}"),
+    ("nested \\boxed{\\frac{\\sqrt{3}}{\\{2\\}}} end", "last_boxed", "\\frac{\\sqrt{3}}{\\{2\\}}"),
+    ("first \\boxed{1} then \\boxed{2}", "last_boxed", "2"),
+    ("first \\boxed{1} then \\boxed{2}", "first_boxed", "1"),
+    ("no box here, the answer is 7.", "last_boxed", None),
+    ("no box here, the answer is 7.", "paper", "7"),
+    ("we get 3 and then 12 apples", "paper", "12"),
+    ("\\boxed 9 is it", "last_boxed", "9"),
+    ("so $\\boxed{\\text{Monday}}$", "last_boxed", "Monday"),
+    ("\\fbox{42}", "last_boxed", "42"),
+    ("\\boxed{$x=3$}.", "last_boxed", "x=3"),
+    ("Final: \\boxed{(1,2]}", "last_boxed", "(1,2]"),
+    ("The final answer is $\\frac{3}{4}$. I hope", "lenient", "\\frac{3}{4}"),
+    ("Answer: 17", "lenient", "17"),
+    ("step\n#### 1,234", "gsm8k", "1,234"),
+    ("there are 5 apples and 6 pears", "gsm8k", "6"),
+    ("\\boxed{}", "last_boxed", None),
+    ("\\boxed{unbalanced", "last_boxed", None),
+    ("", "last_boxed", None),
+]
+
+
+@pytest.mark.parametrize("text,mode,want", EXTRACT)
+def test_extract(text, mode, want):
+    assert extract_answer(text, mode) == want
+
+
+def test_fallbacks_selectable():
+    text = "Answer: 17"
+    assert extract_answer(text, "last_boxed") is None
+    assert extract_answer(text, "last_boxed", fallbacks=("answer_colon",)) == "17"
+
+
+def test_normalize_examples():
+    assert normalize("\\left( 1, 2 \\right)") == "(1,2)"
+    assert normalize("\\$1,000.50") == "1000.5"
+    assert normalize("x = \\dfrac{1}{2}") == "\\frac{1}{2}"
+
+
+def test_grade_statuses():
+    assert grade("so \\boxed{4}", "4").status == "correct"
+    v = grade("so \\boxed{5}", "4")
+    assert (v.correct, v.answer, v.status) == (False, "5", "incorrect")
+    assert grade("I think it is 4", "4").status == "no_answer"
+    assert grade("\\boxed{4}", "").status == "unparseable"  # a bad gold never yields correct
+    assert grade("\\boxed{}", "").correct is False
+    assert grade("\\boxed{9^{9^{9^{9}}}}", "1").status == "unparseable"
+
+
+def test_math500_reference_solutions_grade_correct(data_dir):
+    rows = [json.loads(line) for line in open(os.path.join(data_dir, "math500.jsonl"))]
+    assert len(rows) == 500
+    verdicts = grade_batch([r["solution"] for r in rows], [r["answer"] for r in rows], workers=2)
+    failures = [(r["unique_id"], v) for r, v in zip(rows, verdicts) if not v.correct]
+    assert not failures, failures[:5]
+    assert all(is_equiv(r["answer"], r["answer"]) for r in rows)
+
+
+def test_gsm8k_final_lines(data_dir):
+    rows = [json.loads(line) for line in open(os.path.join(data_dir, "gsm8k_test.jsonl"))]
+    assert len(rows) == 1319
+    golds = [r["answer"].split("####")[-1].strip() for r in rows]
+    wrong = [str(int(g.replace(",", "")) + 1) for g in golds]
+    pos = grade_batch([r["answer"] for r in rows], golds, mode="gsm8k", workers=2)
+    neg = grade_batch([r["answer"] for r in rows], wrong, mode="gsm8k", workers=2)
+    assert [g for g, v in zip(golds, pos) if not v.correct] == []
+    assert [g for g, v in zip(golds, neg) if v.correct] == []
+
+
+ADVERSARIAL = [
+    "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
+    "x" * 1_000_000 + "\\boxed{1}",
+    "\\boxed{9^{9^{9^{9^{9}}}}}",
+    "\\boxed{10^{10^{100}}}",
+    "\\boxed{100000!}",
+    "\\boxed{\\begin{pmatrix}" + "\\\\".join(["&".join(["1"] * 1000)] * 1000) + "\\end{pmatrix}}",
+    "\\boxed{__import__('os').system('touch /tmp/rlsp_pwned')}",
+    "\\boxed{lambda: 1}",
+    "\\boxed{{{}",
+    "\\boxed{}",
+    "\\boxed{π ≈ 3.14 ✓ 答案}",
+    "\\boxed{(((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))}",
+    "\\boxed{2^{2^{2^{2^{2^{2}}}}}}",
+    "\\boxed{\\binom{100000}{50000}}",
+    "\\boxed{\\sqrt[100000]{2}^{100000}}",
+]
+
+
+def test_adversarial_inputs_return_within_bound():
+    golds = ["1"] * len(ADVERSARIAL)
+    t0 = time.monotonic()
+    verdicts = grade_batch(ADVERSARIAL, golds, workers=2, timeout=1.0)
+    elapsed = time.monotonic() - t0
+    assert all(v.status in verifier.STATUSES for v in verdicts)
+    assert not os.path.exists("/tmp/rlsp_pwned")
+    assert verdicts[1].correct  # a long response with a real answer at the end still grades
+    assert all(not v.correct for i, v in enumerate(verdicts) if i not in (1, 11))
+    assert elapsed < 2.0 * len(ADVERSARIAL)  # each verdict bounded (1 s + restart)
+
+
+def test_timeout_kills_stuck_worker():
+    """A job stuck for 30 s (time.sleep stands in for sympy blocking in C) costs its timeout, no more;
+    the worker is replaced and later jobs run normally."""
+    pool = verifier.Pool(workers=1, timeout=0.5, fn=time.sleep)
+    try:
+        t0 = time.monotonic()
+        out = pool.map([(0,), (30,), (0,), (0.01,)])
+        elapsed = time.monotonic() - t0
+    finally:
+        pool.close()
+    assert out[0] is None and isinstance(out[1], verifier.Timeout) and out[2] is None and out[3] is None
+    assert elapsed < 5
+
+
+def test_throughput(data_dir):
+    """>= 500 verdicts/s on 2 cores on MATH-500-style responses (the README reports the figure)."""
+    rows = [json.loads(line) for line in open(os.path.join(data_dir, "math500.jsonl"))]
+    responses = [r["solution"] for r in rows] * 2
+    golds = [r["answer"] for r in rows] + [rows[(i + 1) % 500]["answer"] for i in range(500)]
+    grade_batch(responses[:10], golds[:10], workers=2)  # start the workers
+    t0 = time.monotonic()
+    verdicts = grade_batch(responses, golds, workers=2)
+    rate = len(verdicts) / (time.monotonic() - t0)
+    assert sum(v.correct for v in verdicts) >= 500
+    assert rate >= 500, f"{rate:.0f} verdicts/s"
+
+
+def test_cli(tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"response": "\\boxed{2}", "answer": "2"}) + "\n" +
+                 json.dumps({"response": "\\boxed{3}", "answer": "2"}) + "\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "verifier.py"), str(f)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "accuracy 0.5000" in out.stdout
+    lines = [json.loads(x) for x in open(tmp_path / "r.verdicts.jsonl")]
+    assert [x["status"] for x in lines] == ["correct", "incorrect"]
+    f.write_text(json.dumps({"response": "x", "answer": "1"}) + "\n{bad json\n")
+    out = subprocess.run([sys.executable, os.path.join(root, "verifier.py"), str(f)], capture_output=True, text=True)
+    assert out.returncode != 0 and f"{f}:2: not valid JSON" in out.stderr
+
+
+def test_no_torch_import():
+    out = subprocess.run([sys.executable, "-c", "import sys, verifier; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False"

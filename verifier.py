@@ -1,0 +1,818 @@
+"""Outcome verifier for math answers: extraction, normalisation, equivalence; no torch.
+
+    python verifier.py FILE.jsonl --response-field response --answer-field answer
+
+Model text is untrusted: it is never passed to eval/exec/sympify/parse_expr. A small recursive-descent
+parser turns LaTeX into sympy objects directly, with bounds on length, nesting, exponent size, factorials
+and matrix size; every verdict runs in a worker process with a hard wall-clock limit (default 1 s), so
+even a sympy call stuck in C code cannot stall RL or evaluation.
+
+Equivalence, in order: normalised strings equal (MATH/Minerva-style normalisation: \\left, \\!, \\dfrac,
+degrees, percent, units, `x =`, thousands separators, trailing zeros); structure (sets and solution lists
+unordered, tuples/points and intervals ordered with their brackets, matrices elementwise, equations and
+inequalities side by side); then numbers (exact for rationals, relative tolerance 1e-6, or 1e-4 when a
+decimal is written) and expressions (equal at random points of their free symbols).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+from dataclasses import asdict, dataclass
+
+MAX_ANSWER_CHARS = 1000    # longer extracted answers are not parsed (still compared as text)
+MAX_RESPONSE_CHARS = 4_000_000  # longer responses are cut (answers beyond are not seen)
+MAX_BOXED_CHARS = 20_000  # an extracted answer longer than this is unparseable, not normalised
+MAX_DEPTH = 60             # nesting of braces/parentheses the parser follows
+MAX_DIGITS = 10_000        # largest number (in decimal digits) a power may produce
+MAX_FACTORIAL = 1000
+MAX_ITEMS = 400            # elements of a list/set/tuple or cells of a matrix
+STATUSES = ("correct", "incorrect", "no_answer", "unparseable", "timeout")
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def _braced(text, start):
+    """Content of the {...} group opening at text[start] == '{' (escaped \\{ \\} are literal), or None."""
+    depth = 0
+    i = start
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i]
+        i += 1
+    return None
+
+
+def boxed_answers(text):
+    """Contents of every \\boxed{...} / \\fbox{...} / `\\boxed x`, in order."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{|[^\s{$\\])", text):
+        if m.group(1) == "{":
+            inner = _braced(text, m.start(1))
+            if inner is not None:
+                out.append(inner)
+        else:  # \boxed 2  (no braces): up to the next space or $
+            out.append(re.match(r"[^\s$]+", text[m.start(1):]).group(0))
+    return out
+
+
+_FINAL_ANSWER = re.compile(r"final answer is[:\s]*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
+_ANSWER_COLON = re.compile(r"(?:^|\n)\s*\**answer\**\s*:\s*(.+?)\s*(?:\n|$)", re.IGNORECASE)
+_THE_ANSWER_IS = re.compile(r"answer is[:\s]*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
+_GSM8K = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+FALLBACKS = {
+    "final_answer": lambda t: _last(_FINAL_ANSWER.findall(t)),
+    "answer_colon": lambda t: _last(_ANSWER_COLON.findall(t)),
+    "the_answer_is": lambda t: _last(_THE_ANSWER_IS.findall(t)),
+    "gsm8k": lambda t: _last(_GSM8K.findall(t)),
+    "last_number": lambda t: _last(_NUMBER.findall(t)),
+}
+# Named extraction modes: where to look, in order. `strict` is the RL default; `paper` is the
+# Qwen2.5-Math harness the RLSP authors evaluated with (box, else "the answer is", else the last number).
+MODES = {
+    "last_boxed": ("last_boxed",),
+    "strict": ("last_boxed",),
+    "first_boxed": ("first_boxed",),
+    "paper": ("last_boxed", "the_answer_is", "last_number"),
+    "gsm8k": ("gsm8k", "last_boxed", "last_number"),
+    "lenient": ("last_boxed", "final_answer", "answer_colon", "the_answer_is"),
+}
+
+
+def _last(xs):
+    return xs[-1] if xs else None
+
+
+def extract_answer(text, mode="last_boxed", fallbacks=()):
+    """The answer a response commits to, or None. `mode` names a sequence of places to look (see
+    MODES); `fallbacks` adds more ("final_answer", "answer_colon", "the_answer_is", "gsm8k",
+    "last_number"). Surrounding $, \\( \\), \\[ \\], \\text{} and trailing punctuation are stripped."""
+    if not isinstance(text, str) or not text:
+        return None
+    text = text[:MAX_RESPONSE_CHARS]
+    for where in MODES[mode] + tuple(fallbacks):
+        if where in ("last_boxed", "first_boxed"):
+            boxes = boxed_answers(text)
+            found = (boxes[-1] if where == "last_boxed" else boxes[0]) if boxes else None
+        else:
+            found = FALLBACKS[where](text)
+        if found is not None:
+            found = strip_wrappers(found)
+            if found:
+                return found
+    return None
+
+
+def strip_wrappers(s):
+    s = s.strip()
+    for _ in range(5):
+        before = s
+        s = s.strip().rstrip(".,;:").strip()
+        for a, b in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
+            if s.startswith(a) and s.endswith(b) and len(s) >= len(a) + len(b):
+                s = s[len(a):len(s) - len(b)].strip()
+        m = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{(.*)\}", s, re.DOTALL)
+        if m and _braced(s, s.index("{")) == m.group(1):
+            s = m.group(1).strip()
+        if s == before:
+            break
+    return s
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+UNITS = ("units?|square|sq|cubic|cm|centimeters?|mm|millimeters?|m|meters?|km|kilometers?|inch(?:es)?|in|feet|foot|ft|"
+         "yards?|miles?|mph|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|degrees?|"
+         "dollars?|cents?|pounds?|lbs?|ounces?|oz|grams?|g|kg|kilograms?|liters?|litres?|l|ml|gallons?|people|"
+         "students?|points?|ways?|times|percent|sq\\.?\\s*units?|sq\\.?\\s*ft|sq\\.?\\s*in")
+_UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{\s*(?:" + UNITS + r")(?:\s*\^?\{?[23]\}?)?\s*\}(?:\^\{?[23]\}?)?")
+_UNIT_WORD = re.compile(r"(?<=[\d}])\s*(?:" + UNITS + r")(?:\^?\{?[23]\}?)?\s*$")
+
+
+def normalize(s):
+    """Canonical string form of an answer (MATH `strip_string` + Minerva's normalisation)."""
+    s = strip_wrappers(str(s))
+    s = s.replace("\n", " ").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\(?:displaystyle|quad|qquad)(?![a-zA-Z])", " ", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s).replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree", "", s)
+    s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
+    s = _UNIT_TEXT.sub("", s)
+    s = _UNIT_WORD.sub("", s)
+    s = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox|textit|operatorname)\{([^{}]*)\}", r"\1", s)
+    s = s.replace("{,}", "")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
+    s = s.replace("\\le ", "\\leq ").replace("\\ge ", "\\geq ")
+    s = re.sub(r"\\(?:le|leq|leqslant)(?![a-zA-Z])", "≤", s)
+    s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])", "≥", s)
+    s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])", "≠", s)
+    s = re.sub(r"([_^])(\w)\s+", r"\1{\2}", s)  # \log_2 8: the subscript is one character
+    s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\0", s)  # keep "\cdot x" from becoming "\cdotx"
+    s = re.sub(r"\s+", "", s).replace("\0", " ")
+    # a leading "x =" / "f(x)=" / "\theta =" when it is the answer's only equals sign
+    if s.count("=") == 1:
+        lhs, rhs = s.split("=")
+        if re.fullmatch(r"[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-z]\))?|\\[a-zA-Z]+", lhs) and rhs:
+            s = rhs
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # thousands separators
+        s = s.replace(",", "")
+    s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
+    s = re.sub(r"(\d+\.\d*?)0+(?!\d)", r"\1", s)  # trailing zeros: 2.50 -> 2.5, 3.0 -> 3.
+    s = re.sub(r"(\d)\.(?!\d)", r"\1", s)
+    m = re.fullmatch(r"\(([A-Ea-e])\)", s)  # multiple choice (C) -> C; a bare e stays Euler's number
+    if m:
+        s = m.group(1).upper()
+    m = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)  # mixed number 2\frac{1}{2}
+    if m:
+        whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
+        s = f"{m.group(1)}\\frac{{{whole * den + num}}}{{{den}}}"
+    return s
+
+
+# ----------------------------------------------------------------------------- safe LaTeX -> sympy
+
+class ParseError(ValueError):
+    pass
+
+
+_TOKEN = re.compile(r"\d+\.\d*|\.\d+|\d+|\\[a-zA-Z]+|\\[{}|]|[a-zA-Z]|\S")
+FUNCS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+         "ln", "log", "exp"}
+GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "lambda",
+         "mu", "nu", "xi", "rho", "sigma", "tau", "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta",
+         "Theta", "Lambda", "Sigma", "Phi", "Psi", "Omega"}
+SKIP = {"\\cdot": "*", "\\times": "*", "\\div": "/", "\\ast": "*"}
+
+
+class Parser:
+    """Recursive descent over LaTeX math, building sympy objects (never evaluating strings).
+
+    expr := term (('+'|'-') term)* ; term := unary ((op | implicit) unary)* ; unary := ('-'|'+') unary | power
+    power := postfix ('^' atom)? ; postfix := atom '!'* ; atom := number | symbol | group | command"""
+
+    def __init__(self, text):
+        import sympy
+        self.sp = sympy
+        self.toks = [SKIP.get(t, t) for t in _TOKEN.findall(text)]
+        if len(self.toks) > 2 * MAX_ANSWER_CHARS:
+            raise ParseError("too many tokens")
+        self.i = 0
+        self.depth = 0
+
+    def parse(self):
+        e = self.expr()
+        if self.i != len(self.toks):
+            raise ParseError(f"unexpected {self.toks[self.i]!r}")
+        return e
+
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, want=None):
+        t = self.peek()
+        if t is None or (want is not None and t != want):
+            raise ParseError(f"expected {want!r}, got {t!r}")
+        self.i += 1
+        return t
+
+    def expr(self):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ParseError("nesting too deep")
+        e = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            t = self.term()
+            e = self.sp.Add(e, t if op == "+" else -t)
+        self.depth -= 1
+        return e
+
+    def term(self):
+        e = self.unary()
+        while True:
+            t = self.peek()
+            if t in ("*", "/"):
+                self.take()
+                rhs = self.unary()
+                if t == "/":
+                    if rhs == 0:
+                        raise ParseError("division by zero")
+                    rhs = self.sp.Pow(rhs, -1)
+                e = self.sp.Mul(e, rhs)
+            elif t is not None and self.starts_atom(t):
+                e = self.sp.Mul(e, self.power())  # implicit multiplication: 2x, 2\pi, (a)(b)
+            else:
+                return e
+
+    def starts_atom(self, t):
+        return (t[0].isdigit() or t[0] == "." or t.isalpha() or t in ("(", "{", "\\{")
+                or (t.startswith("\\") and t[1:] in FUNCS | GREEK | {"frac", "sqrt", "pi", "infty", "binom", "exp"}))
+
+    def unary(self):
+        if self.peek() == "-":
+            self.take()
+            return -self.unary()
+        if self.peek() == "+":
+            self.take()
+            return self.unary()
+        return self.power()
+
+    def power(self):
+        base = self.postfix()
+        if self.peek() == "^":
+            self.take()
+            exp = self.unary() if self.peek() in ("-", "+") else self.postfix_atom_only()
+            return self.pow(base, exp)
+        return base
+
+    def postfix_atom_only(self):
+        e = self.atom()
+        while self.peek() == "!":
+            self.take()
+            e = self.factorial(e)
+        return e
+
+    def postfix(self):
+        e = self.atom()
+        while self.peek() == "!":
+            self.take()
+            e = self.factorial(e)
+        return e
+
+    def pow(self, base, exp):
+        sp = self.sp
+        if base.is_number and exp.is_number:
+            try:
+                fexp = abs(float(exp))
+                mag = digits(base)
+            except (TypeError, OverflowError, ValueError):
+                raise ParseError("exponent too large")
+            if fexp * max(mag, 1.0) > MAX_DIGITS:
+                raise ParseError("exponent too large")
+        return sp.Pow(base, exp)
+
+    def factorial(self, e):
+        if not (e.is_Integer and 0 <= int(e) <= MAX_FACTORIAL):
+            raise ParseError("factorial too large or not of a small integer")
+        return self.sp.factorial(e)
+
+    def group(self):
+        """{...} or a single token argument (\\frac12 style)."""
+        if self.peek() == "{":
+            self.take("{")
+            e = self.expr()
+            self.take("}")
+            return e
+        return self.atom()
+
+    def atom(self):
+        sp = self.sp
+        t = self.peek()
+        if t is None:
+            raise ParseError("unexpected end")
+        if t[0].isdigit() or t[0] == ".":
+            self.take()
+            if "." in t:
+                whole, frac = t.split(".")
+                return sp.Rational(int(whole or "0") * 10 ** len(frac) + int(frac or "0"), 10 ** len(frac))
+            return sp.Integer(int(t))
+        if t in ("(", "[", "{", "\\{"):
+            close = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}[t]
+            self.take()
+            e = self.expr()
+            self.take(close)
+            return e
+        if t == "|":
+            self.take()
+            e = self.expr()
+            self.take("|")
+            return sp.Abs(e)
+        if t.isalpha() and len(t) == 1:
+            self.take()
+            if t == "i":
+                return sp.I
+            if t == "e":
+                return sp.E
+            name = t
+            if self.peek() == "_":
+                self.take()
+                sub = self.take() if self.peek() != "{" else self.braced_text()
+                name = f"{t}_{sub}"
+            return sp.Symbol(name)
+        if t.startswith("\\"):
+            name = t[1:]
+            self.take()
+            if name == "frac":
+                num = self.group()
+                den = self.group()
+                if den == 0:
+                    raise ParseError("division by zero")
+                return sp.Mul(num, sp.Pow(den, -1))
+            if name == "sqrt":
+                if self.peek() == "[":
+                    self.take("[")
+                    n = self.expr()
+                    self.take("]")
+                    return sp.root(self.group(), n)
+                return sp.sqrt(self.group())
+            if name == "binom":
+                n, k = self.group(), self.group()
+                if n.is_number and (not n.is_Integer or abs(int(n)) > 10 * MAX_FACTORIAL):
+                    raise ParseError("binomial too large")
+                return sp.binomial(n, k)
+            if name == "pi":
+                return sp.pi
+            if name == "infty":
+                return sp.oo
+            if name in GREEK:
+                return sp.Symbol(name)
+            if name in FUNCS:
+                return self.function(name)
+        raise ParseError(f"cannot parse {t!r}")
+
+    def braced_text(self):
+        self.take("{")
+        out = []
+        while self.peek() not in ("}", None):
+            out.append(self.take())
+        self.take("}")
+        return "".join(out)
+
+    def function(self, name):
+        sp = self.sp
+        power = None
+        base = None
+        if name == "log" and self.peek() == "_":
+            self.take()
+            base = self.group()
+        if self.peek() == "^":
+            self.take()
+            power = self.group()
+        arg = self.power() if self.peek() not in ("(", "{") else self.atom()
+        fn = {"sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "cot": sp.cot, "sec": sp.sec, "csc": sp.csc,
+              "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "sinh": sp.sinh, "cosh": sp.cosh,
+              "tanh": sp.tanh, "ln": sp.log, "exp": sp.exp}.get(name)
+        if name == "log":
+            value = sp.log(arg, base) if base is not None else sp.log(arg)
+        else:
+            value = fn(arg)
+        return self.pow(value, power) if power is not None else value
+
+
+def digits(x):
+    """log10 |x| for a sympy number, without computing huge values."""
+    if x.is_Integer:
+        return abs(int(x)).bit_length() * 0.30103
+    if x.is_Rational:
+        return max(abs(x.p).bit_length(), abs(x.q).bit_length()) * 0.30103
+    v = abs(complex(x.evalf(15)))
+    return math.log10(v) if v > 0 else 0.0
+
+
+def parse_latex(s):
+    """sympy object for a normalised answer string; ParseError if outside the grammar or the bounds."""
+    if len(s) > MAX_ANSWER_CHARS:
+        raise ParseError("answer too long")
+    return Parser(s).parse()
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+def split_top(s, seps=(",",)):
+    """Split at separators outside (), [], {} (and \\{ \\})."""
+    parts, depth, cur, i = [], 0, "", 0
+    while i < len(s):
+        if s.startswith("\\{", i) or s.startswith("\\}", i):
+            depth += 1 if s[i + 1] == "{" else -1
+            cur += s[i:i + 2]
+            i += 2
+            continue
+        c = s[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        sep = next((x for x in seps if s.startswith(x, i)), None) if depth == 0 else None
+        if sep:
+            parts.append(cur)
+            cur = ""
+            i += len(sep)
+            continue
+        cur += c
+        i += 1
+    parts.append(cur)
+    if len(parts) > MAX_ITEMS:
+        raise ParseError("too many items")
+    return parts
+
+
+def _unordered_equal(xs, ys):
+    if len(xs) != len(ys):
+        return False
+    left = list(ys)
+    for x in xs:
+        j = next((j for j, y in enumerate(left) if _equal(x, y)), None)
+        if j is None:
+            return False
+        left.pop(j)
+    return True
+
+
+def _matrix(s):
+    m = re.fullmatch(r"\\begin\{([pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", s)
+    if not m:
+        return None
+    rows = [r for r in m.group(2).split("\\\\") if r]
+    if sum(r.count("&") + 1 for r in rows) > MAX_ITEMS:
+        raise ParseError("matrix too large")
+    return [r.split("&") for r in rows]
+
+
+def _enclosed(s):
+    """(opening, inner, closing) when s is one bracketed group like (1,2] or \\{1,2\\}."""
+    for o, c in (("\\{", "\\}"), ("(", ")"), ("[", "]"), ("(", "]"), ("[", ")")):
+        if s.startswith(o) and s.endswith(c) and len(s) > len(o) + len(c):
+            inner = s[len(o):-len(c)]
+            depth = 0
+            for ch in inner:
+                depth += ch in "([{" and 1 or (-1 if ch in ")]}" else 0)
+                if depth < 0:
+                    return None
+            if depth == 0:
+                return o, inner, c
+    return None
+
+
+def _equal(a, b):
+    """a, b normalised strings."""
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    ma, mb = _matrix(a), _matrix(b)
+    if ma is not None or mb is not None:
+        return (ma is not None and mb is not None and [len(r) for r in ma] == [len(r) for r in mb]
+                and all(_equal(x, y) for ra, rb in zip(ma, mb) for x, y in zip(ra, rb)))
+    ua, ub = split_top(a, ("\\cup",)), split_top(b, ("\\cup",))
+    if len(ua) > 1 or len(ub) > 1:
+        return len(ua) == len(ub) and all(_equal(x, y) for x, y in zip(ua, ub))
+    ea, eb = _enclosed(a), _enclosed(b)
+    if (ea and ea[0] == "\\{") != (eb and eb[0] == "\\{"):
+        return False  # a set never equals a non-set, not even {0} and 0
+    if ea and eb and (len(split_top(ea[1])) > 1 or ea[0] == "\\{"):
+        if ea[0] == "\\{" or eb[0] == "\\{":  # sets: unordered
+            return ea[0] == eb[0] == "\\{" and _unordered_equal(split_top(ea[1]), split_top(eb[1]))
+        xs, ys = split_top(ea[1]), split_top(eb[1])  # tuples, points, intervals: ordered, brackets matter
+        return (ea[0], ea[2]) == (eb[0], eb[2]) and len(xs) == len(ys) and all(map(_equal, xs, ys))
+    la, lb = split_top(a), split_top(b)
+    if len(la) > 1 or len(lb) > 1:  # a list of solutions: unordered
+        return _unordered_equal(la, lb)
+    for ops in (("=",), ("≤", "≥", "<", ">", "≠")):
+        sa, sb = _relation(a, ops), _relation(b, ops)
+        if sa or sb:
+            return bool(sa and sb) and sa[1] == sb[1] and _equal(sa[0], sb[0]) and _equal(sa[2], sb[2])
+    return _scalar_equal(a, b)
+
+
+def _relation(s, ops):
+    """(lhs, op, rhs) with > and >= flipped into < and <=, or None."""
+    for op in ops:
+        parts = split_top(s, (op,))
+        if len(parts) == 2:
+            lhs, rhs = parts
+            flip = {">": "<", "≥": "≤"}
+            return (rhs, flip[op], lhs) if op in flip else (lhs, op, rhs)
+    return None
+
+
+def _has_decimal(s):
+    return bool(re.search(r"\d\.\d", s))
+
+
+def _scalar_equal(a, b):
+    """Numbers and expressions: exact rationals, else numerically close (at random points when free
+    symbols remain)."""
+    if re.fullmatch(r"\d+_\{?\d+\}?", a) or re.fullmatch(r"\d+_\{?\d+\}?", b):  # 1011_2: digits + base
+        return re.sub(r"[{}]", "", a).split("_")[0] == re.sub(r"[{}]", "", b).split("_")[0]
+    if a.isalpha() and b.isalpha() and max(len(a), len(b)) >= 3:  # words (Monday, yes), not products (ab)
+        return a.lower() == b.lower()
+    x, y = parse_latex(a), parse_latex(b)
+    if x.is_Rational and y.is_Rational and not (_has_decimal(a) or _has_decimal(b)):
+        return x == y
+    tol = 1e-4 if _has_decimal(a) or _has_decimal(b) else 1e-6
+    symbols = sorted(x.free_symbols | y.free_symbols, key=str)
+    if not symbols:
+        return _close(x, y, tol)
+    rng = random.Random(0)
+    tried = 0
+    for _ in range(12):
+        point = {s: rng.uniform(0.5, 2.5) for s in symbols}
+        try:
+            ok = _close(x.subs(point), y.subs(point), tol)
+        except ParseError:
+            continue
+        tried += 1
+        if not ok:
+            return False
+        if tried >= 5:
+            return True
+    return False
+
+
+def _close(x, y, tol):
+    if x == y:
+        return True
+    import sympy
+    if x.has(sympy.oo, -sympy.oo, sympy.zoo) or y.has(sympy.oo, -sympy.oo, sympy.zoo):
+        return False
+    try:
+        u, v = complex(x.evalf(30)), complex(y.evalf(30))
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        raise ParseError("not a finite number")
+    if any(map(math.isnan, (u.real, u.imag, v.real, v.imag))) or any(map(math.isinf, (u.real, v.real))):
+        raise ParseError("not a finite number")
+    return abs(u - v) <= tol * max(abs(u), abs(v), 1e-12) or abs(u - v) < 1e-12
+
+
+def is_equiv(pred, gold):
+    """True when answer `pred` is mathematically equivalent to `gold` (both answer strings, not
+    responses). A gold answer that cannot be parsed matches only a textually identical prediction."""
+    if pred is None or gold is None:
+        return False
+    a, b = normalize(pred), normalize(gold)
+    if not b:
+        return False
+    try:
+        return _equal(a, b)
+    except (ParseError, RecursionError, TypeError, ValueError, ZeroDivisionError, AttributeError):
+        return False
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+@dataclass
+class Verdict:
+    correct: bool
+    answer: str | None  # the extracted answer, None when there was none
+    status: str         # correct | incorrect | no_answer | unparseable | timeout
+    reason: str = ""
+
+
+def _verdict(response, gold, mode="last_boxed"):
+    """The verdict computed in this process, with no time limit (grade() adds one)."""
+    gold = None if gold is None else str(gold)
+    if gold is None or not normalize(gold):
+        return Verdict(False, None, "unparseable", "empty or missing gold answer")
+    answer = extract_answer(response, mode)
+    if answer is None:
+        return Verdict(False, None, "no_answer", "no answer found")
+    if len(answer) > MAX_BOXED_CHARS:
+        return Verdict(False, answer[:200], "unparseable", f"answer longer than {MAX_BOXED_CHARS} characters")
+    try:
+        a, b = normalize(answer), normalize(gold)
+        ok = _equal(a, b)
+        return Verdict(ok, answer, "correct" if ok else "incorrect")
+    except ParseError as e:
+        return Verdict(False, answer, "unparseable", str(e))
+    except RecursionError:
+        return Verdict(False, answer, "unparseable", "nesting too deep")
+    except Exception as e:  # sympy raises many kinds on odd input; none may crash a training run
+        return Verdict(False, answer, "unparseable", f"{type(e).__name__}: {e}"[:200])
+
+
+def _verdict_dict(response, gold, mode):
+    return asdict(_verdict(response, gold, mode))
+
+
+def _serve(read_fd, write_fd):
+    """Worker loop: receive (fn, args), send fn(*args). Runs in a fresh interpreter, so it never
+    re-imports the caller's __main__ (as multiprocessing's spawn would) and never inherits locks
+    or threads from a forked parent."""
+    from multiprocessing.connection import Connection
+    sys.setrecursionlimit(10_000)
+    reader, writer = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    import sympy  # noqa: F401  (imported before "ready", so start-up never counts against a verdict)
+    writer.send("ready")
+    while True:
+        try:
+            fn, args = reader.recv()
+        except EOFError:
+            return
+        writer.send(fn(*args))
+
+
+@dataclass
+class Timeout:
+    why: str
+
+
+class Pool:
+    """Worker processes that each run `fn(*job)` for one job at a time. A worker that overruns
+    `timeout` seconds (or dies) is killed and replaced, and that job's result is a `Timeout`."""
+
+    def __init__(self, workers=1, timeout=1.0, fn=_verdict_dict):
+        self.timeout, self.fn = timeout, fn
+        self.procs = [self._start() for _ in range(max(1, workers))]
+
+    def _start(self):
+        import subprocess
+        from multiprocessing.connection import Connection
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        here = os.path.dirname(os.path.abspath(__file__))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+        p = subprocess.Popen([sys.executable, "-c", f"import verifier; verifier._serve({to_child_r}, {from_child_w})"],
+                             pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        conns = (Connection(to_child_w, readable=False), Connection(from_child_r, writable=False))
+        try:
+            ready = conns[1].poll(120) and conns[1].recv() == "ready"
+        except EOFError:
+            ready = False
+        if not ready:
+            self._stop(p, conns)
+            raise RuntimeError(f"verifier worker process did not start ({sys.executable} -c 'import verifier')")
+        return p, conns
+
+    def map(self, jobs):
+        import time
+        from multiprocessing.connection import wait
+        results = [None] * len(jobs)
+        todo = list(range(len(jobs)))[::-1]
+        busy = {}  # worker index -> (job index, deadline)
+        while todo or busy:
+            for w in range(len(self.procs)):
+                if w not in busy and todo:
+                    j = todo.pop()
+                    try:
+                        self.procs[w][1][0].send((self.fn, jobs[j]))
+                    except OSError:  # the worker died between jobs
+                        self._restart(w)
+                        self.procs[w][1][0].send((self.fn, jobs[j]))
+                    busy[w] = (j, time.monotonic() + self.timeout)
+            conns = {self.procs[w][1][1]: w for w in busy}
+            nearest = min(d for _, d in busy.values())
+            for c in wait(list(conns), timeout=max(0.0, nearest - time.monotonic())):
+                w = conns[c]
+                try:
+                    results[busy[w][0]] = c.recv()
+                except (EOFError, OSError):  # the worker died mid-job (e.g. out of memory)
+                    results[busy[w][0]] = Timeout("worker died")
+                    self._restart(w)
+                del busy[w]
+            now = time.monotonic()
+            for w, (j, deadline) in list(busy.items()):
+                if now >= deadline:
+                    results[j] = Timeout(f"over {self.timeout:g} s")
+                    self._restart(w)
+                    del busy[w]
+        return results
+
+    def _restart(self, w):
+        self._stop(*self.procs[w])
+        self.procs[w] = self._start()
+
+    @staticmethod
+    def _stop(p, conns):
+        p.kill()
+        p.wait()
+        for c in conns:
+            c.close()
+
+    def close(self):
+        for p, conns in self.procs:
+            self._stop(p, conns)
+
+
+_pools = {}
+
+
+def _pool(workers, timeout):
+    key = (workers, timeout)
+    if key not in _pools:
+        _pools[key] = Pool(workers, timeout)
+    return _pools[key]
+
+
+def grade(response, gold, mode="last_boxed", timeout=1.0):
+    """Verdict for one response against a gold answer, within `timeout` seconds of wall clock
+    (None: in this process, no limit)."""
+    if timeout is None:
+        return _verdict(response, gold, mode)
+    return grade_batch([response], [gold], mode, workers=1, timeout=timeout)[0]
+
+
+def grade_batch(responses, golds, mode="last_boxed", workers=None, timeout=1.0):
+    """Verdicts for many responses, spread over `workers` processes (default: all CPU cores)."""
+    if len(responses) != len(golds):
+        raise ValueError(f"grade_batch: {len(responses)} responses but {len(golds)} gold answers")
+    workers = workers or os.cpu_count() or 1
+    out = _pool(workers, timeout).map([(r, g, mode) for r, g in zip(responses, golds)])
+    return [Verdict(False, _safe_extract(r, mode), "timeout", x.why) if isinstance(x, Timeout) else Verdict(**x)
+            for r, x in zip(responses, out)]
+
+
+def _safe_extract(response, mode):
+    try:
+        return extract_answer(response, mode)
+    except RecursionError:
+        return None
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main():
+    p = argparse.ArgumentParser(description="Grade a JSONL file of responses against gold answers.")
+    p.add_argument("file")
+    p.add_argument("--response-field", default="response")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--mode", default="last_boxed", choices=sorted(MODES))
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds per verdict")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--out", default=None, help="default: FILE with .verdicts.jsonl")
+    args = p.parse_args()
+    rows = []
+    with open(args.file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"{args.file}:{n}: not valid JSON ({e.msg})")
+            for k in (args.response_field, args.answer_field):
+                if not isinstance(row, dict) or k not in row:
+                    sys.exit(f"{args.file}:{n}: missing field {k!r}")
+            rows.append(row)
+    verdicts = grade_batch([r[args.response_field] for r in rows], [r[args.answer_field] for r in rows],
+                           args.mode, args.workers, args.timeout)
+    out = args.out or re.sub(r"\.jsonl$", "", args.file) + ".verdicts.jsonl"
+    with open(out, "w", encoding="utf-8") as f:
+        for v in verdicts:
+            f.write(json.dumps(asdict(v)) + "\n")
+    counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
+    n = max(len(verdicts), 1)
+    print(f"{len(verdicts)} graded: accuracy {counts['correct'] / n:.4f} | " +
+          " ".join(f"{s} {c}" for s, c in counts.items()) + f" | verdicts in {out}")
+
+
+if __name__ == "__main__":
+    import verifier  # run as the importable module, so worker processes can unpickle its functions
+    verifier.main()
