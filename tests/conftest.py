@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 CACHE = os.environ.get("RLSP_TEST_CACHE", os.path.join(ROOT, ".cache", "tests"))
 DATA_DIR = os.environ.get("RLSP_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+os.environ["RLSP_DATA_DIR"] = DATA_DIR  # data.py and eval.py read the shared datasets, never the network
 
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"

@@ -1,0 +1,257 @@
+"""Benchmark evaluation: sample, grade, and report what papers report.
+
+    python eval.py --model DIR --data math500 --samples 4 --temperature 0.6 --out runs/eval-math500
+    python eval.py --compare runs/a runs/b
+
+Writes OUT/samples.jsonl (one line per sample, appended as batches finish, so the same command
+resumes an interrupted run) and OUT/summary.json: accuracy = pass@1 averaged over samples with a
+95% interval, unbiased pass@k, maj@k, per-level / per-subject accuracy, response lengths,
+truncation and no-answer rates, behaviour-proxy rates and tokens/s. Both grading harnesses are
+always reported: `strict` (the last \\boxed{} only) and `paper` (the Qwen2.5-Math harness the RLSP
+authors used: the box, else "the answer is", else the last number).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+
+from data import load_dataset, render_prompt
+from verifier import grade_batch, normalize
+
+# Keyword proxies for the behaviours RLSP is about. They count phrases, not reasoning: a response
+# that says "wait" has not necessarily backtracked. Reported as rates of responses with any match.
+BEHAVIOURS = {
+    "backtracking": re.compile(r"\b(wait|actually|hmm|let me re-?(?:think|consider|evaluate|do)|i made a mistake|"
+                               r"that's (?:not right|wrong|incorrect)|on second thought|scratch that)\b", re.I),
+    "verification": re.compile(r"\b(let me (?:check|verify|double-check)|double-check|verif(?:y|ying|ication)|"
+                               r"check(?:ing)? (?:our|my|the) (?:answer|work|result)|plug(?:ging)? (?:it |this )?back|"
+                               r"substitut(?:e|ing) back|sanity check)\b", re.I),
+    "alternatives": re.compile(r"\b(alternatively|another (?:approach|way|method)|a different (?:approach|way|method)|"
+                               r"let(?:'s| us| me) try (?:a different|another))\b", re.I),
+}
+REPEAT_NGRAM = 10  # words; a response "repeats" when some 10-word n-gram occurs 3+ times
+
+
+def repeats(text, n=REPEAT_NGRAM, times=3):
+    words = text.split()
+    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return bool(counts) and max(counts.values()) >= times
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority_correct(answers, correct):
+    """maj@k for one problem: the most frequent extracted answer (by normalised form; the earliest wins
+    ties) decides; None answers do not vote. Returns whether that answer was graded correct."""
+    votes = Counter()
+    first = {}
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        key = normalize(a)
+        votes[key] += 1
+        first.setdefault(key, i)
+    if not votes:
+        return False
+    best = max(votes, key=lambda k: (votes[k], -first[k]))
+    return correct[first[best]]
+
+
+def mean_ci95(values):
+    """Mean and normal-approximation 95% interval mean +- 1.96 * sd / sqrt(n) (population sd)."""
+    n = len(values)
+    m = sum(values) / n
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / n / n)
+    return m, [m - 1.96 * se, m + 1.96 * se]
+
+
+def summarize(samples, mode="strict", seconds=None):
+    """summary.json from the sample lines (which alone determine it, so it can be recomputed)."""
+    by_problem = defaultdict(list)
+    for s in samples:
+        by_problem[s["id"]].append(s)
+    groups = [sorted(v, key=lambda s: s["sample"]) for v in by_problem.values()]
+    K = min(len(g) for g in groups)
+    out = {"n_problems": len(groups), "samples_per_problem": K, "n_samples": len(samples), "extract": mode}
+    for m in ("strict", "paper"):
+        per_problem = [sum(s[f"correct_{m}"] for s in g) / len(g) for g in groups]
+        acc, ci = mean_ci95(per_problem)
+        out[f"accuracy_{m}"] = acc
+        out[f"ci95_{m}"] = ci
+    out["accuracy"], out["ci95"] = out[f"accuracy_{mode}"], out[f"ci95_{mode}"]
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= K]
+    out["pass_at_k"] = {str(k): sum(pass_at_k(len(g), sum(s[f"correct_{mode}"] for s in g), k) for g in groups)
+                        / len(groups) for k in ks}
+    out["maj_at_k"] = {str(k): sum(majority_correct([s[f"extracted_{mode}"] for s in g[:k]],
+                                                    [s[f"correct_{mode}"] for s in g[:k]]) for g in groups)
+                       / len(groups) for k in ks}
+    for key in ("level", "subject"):
+        buckets = defaultdict(list)
+        for g in groups:
+            if g[0].get(key) is not None:
+                buckets[str(g[0][key])].append(sum(s[f"correct_{mode}"] for s in g) / len(g))
+        if buckets:
+            out[f"accuracy_by_{key}"] = {k: sum(v) / len(v) for k, v in sorted(buckets.items())}
+    lengths = [s["num_tokens"] for s in samples]
+    out["mean_length"] = sum(lengths) / len(lengths)
+    out["median_length"] = statistics.median(lengths)
+    out["truncation_rate"] = sum(not s["finished"] for s in samples) / len(samples)
+    out["no_answer_rate"] = sum(s[f"status_{mode}"] == "no_answer" for s in samples) / len(samples)
+    out["status_counts"] = dict(Counter(s[f"status_{mode}"] for s in samples))
+    out["behaviour_rates_proxy"] = {b: sum(bool(rx.search(s["response"])) for s in samples) / len(samples)
+                                    for b, rx in BEHAVIOURS.items()}
+    out["repetition_rate"] = sum(repeats(s["response"]) for s in samples) / len(samples)
+    if seconds:
+        out["seconds"] = seconds
+        out["tokens_per_s"] = sum(lengths) / seconds
+    return out
+
+
+def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0, top_p=1.0, max_new_tokens=1024,
+             prompt="paper", extract="strict", batch_size=32, seed=0, progress=True, workers=None):
+    """Sample `samples` responses per record, grade them in both harnesses, return the summary dict.
+    With `out_dir`, sample lines are appended to out_dir/samples.jsonl batch by batch and finished
+    batches are skipped on a rerun; summary.json is written at the end. train.py calls this too."""
+    from tqdm import tqdm
+    from model import generate
+    work = [(r, k) for r in records for k in range(samples)]
+    done = {}
+    path = os.path.join(out_dir, "samples.jsonl") if out_dir else None
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    s = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut off by a kill; its batch is redone
+                done[(s["id"], s["sample"])] = s
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    seconds = 0.0
+    bar = tqdm(total=len(work), desc="eval", disable=not progress, dynamic_ncols=True)
+    bar.update(sum((r.id, k) in done for r, k in work))
+    for b, start in enumerate(range(0, len(work), batch_size)):
+        batch = work[start:start + batch_size]
+        if all((r.id, k) in done for r, k in batch):
+            continue
+        prompts = [render_prompt(tokenizer, r.problem, prompt) for r, _ in batch]
+        t0 = time.perf_counter()
+        # The seed depends on the batch index only, so a resumed run redraws exactly the same samples.
+        outs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                        stop_token_ids=tokenizer.stop_token_ids, seed=seed + b)
+        seconds += time.perf_counter() - t0
+        stops = set(tokenizer.stop_token_ids)
+        responses = [tokenizer.decode([t for t in c.tokens if t not in stops]) for c in outs]
+        golds = [r.answer for r, _ in batch]
+        verdicts = {m: grade_batch(responses, golds, mode="last_boxed" if m == "strict" else "paper", workers=workers)
+                    for m in ("strict", "paper")}
+        lines = []
+        for i, ((r, k), p, c, text) in enumerate(zip(batch, prompts, outs, responses)):
+            s = {"id": r.id, "sample": k, "prompt": tokenizer.decode(p), "response": text, "answer": r.answer,
+                 "num_tokens": len(c.tokens), "finished": c.finished,
+                 "level": r.meta.get("level"), "subject": r.meta.get("subject")}
+            for m, vs in verdicts.items():
+                s[f"extracted_{m}"], s[f"status_{m}"], s[f"correct_{m}"] = vs[i].answer, vs[i].status, vs[i].correct
+            s["extracted"], s["status"], s["correct"] = s[f"extracted_{extract}"], s[f"status_{extract}"], s[f"correct_{extract}"]
+            lines.append(s)
+            done[(r.id, k)] = s
+        if path:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(s) + "\n" for s in lines))
+                f.flush()
+                os.fsync(f.fileno())
+        bar.update(len(batch))
+        finished = [done[(r.id, k)] for r, k in work if (r.id, k) in done]
+        bar.set_postfix(acc=f"{sum(s['correct'] for s in finished) / len(finished):.3f}")
+    bar.close()
+    result = [done[(r.id, k)] for r, k in work]
+    summary = summarize(result, extract, seconds or None)
+    if out_dir:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def read_samples(run_dir):
+    with open(os.path.join(run_dir, "samples.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def compare(run_a, run_b):
+    """Print two runs side by side, and the paired per-problem difference with its 95% interval."""
+    sa, sb = read_samples(run_a), read_samples(run_b)
+    A, B = summarize(sa), summarize(sb)
+    mode = A["extract"]
+    rows = [("accuracy_strict", "accuracy (strict)"), ("accuracy_paper", "accuracy (paper)"),
+            ("mean_length", "mean length"), ("truncation_rate", "truncation rate"), ("no_answer_rate", "no-answer rate")]
+    print(f"{'':24s} {os.path.basename(os.path.normpath(run_a)):>14s} {os.path.basename(os.path.normpath(run_b)):>14s} {'B - A':>10s}")
+    for key, label in rows:
+        print(f"{label:24s} {A[key]:14.4f} {B[key]:14.4f} {B[key] - A[key]:+10.4f}")
+    acc = defaultdict(lambda: [[], []])
+    for i, samples in enumerate((sa, sb)):
+        for s in samples:
+            acc[s["id"]][i].append(s[f"correct_{mode}"])
+    paired = [sum(b) / len(b) - sum(a) / len(a) for a, b in acc.values() if a and b]
+    if not paired:
+        print("no problems in common")
+        return None
+    diff, ci = mean_ci95(paired)
+    verdict = "exceeds the noise" if ci[0] > 0 or ci[1] < 0 else "within the noise"
+    print(f"paired difference ({mode}) on {len(paired)} problems: {diff:+.4f}, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]: {verdict}")
+    return diff, ci
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF model folder")
+    p.add_argument("--data", default="math500", help="dataset name (math500, aime24, gsm8k, ...) or a JSONL file")
+    p.add_argument("--data-dir", default=None, help="folder of dataset files (default: $RLSP_DATA_DIR, else download)")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--prompt", default="paper", help="paper | boxed | a template with {problem}")
+    p.add_argument("--extract", default="strict", choices=("strict", "paper"), help="grading harness for `accuracy`")
+    p.add_argument("--limit", type=int, default=None, help="first N problems")
+    p.add_argument("--batch-size", type=int, default=32, help="responses sampled at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default runs/eval-DATA)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--problem-field", default="problem", help="for a JSONL file")
+    p.add_argument("--answer-field", default="answer", help="for a JSONL file")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two finished runs")
+    args = p.parse_args()
+    if args.compare:
+        compare(*args.compare)
+        return
+    if not args.model:
+        p.error("--model is required (or --compare RUN_A RUN_B)")
+    from model import Tokenizer, Transformer
+    out = args.out or os.path.join("runs", f"eval-{os.path.splitext(os.path.basename(args.data))[0]}")
+    records = load_dataset(args.data, args.data_dir, limit=args.limit, problem_field=args.problem_field,
+                           answer_field=args.answer_field)
+    model = Transformer.from_pretrained(args.model, device=args.device)
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    with open(os.path.join(os.makedirs(out, exist_ok=True) or out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    s = evaluate(model, tokenizer, records, out, args.samples, args.temperature, args.top_p, args.max_new_tokens,
+                 args.prompt, args.extract, args.batch_size, args.seed)
+    lo, hi = s["ci95"]
+    print(f"{args.data}: accuracy ({args.extract}) {s['accuracy']:.4f} [95% CI {lo:.4f}, {hi:.4f}] | "
+          f"strict {s['accuracy_strict']:.4f} paper {s['accuracy_paper']:.4f} | n={s['n_problems']} x {s['samples_per_problem']} | "
+          f"mean length {s['mean_length']:.0f} | truncated {s['truncation_rate']:.3f} | no answer {s['no_answer_rate']:.3f}")
+    print(f"summary: {os.path.join(out, 'summary.json')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

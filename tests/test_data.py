@@ -1,0 +1,163 @@
+"""data.py: dataset counts and errors, download against a loopback server, prompts, SFT masks, packing."""
+import hashlib
+import http.server
+import json
+import os
+import threading
+
+import pytest
+
+import data
+from data import load_dataset, pack, prompt_messages, render_prompt, sft_example
+from model import Tokenizer
+
+COUNTS = {"math500": 500, "math_train": 12000, "gsm8k": 1319, "gsm8k_train": 7473, "aime24": 30, "amc23": 40,
+          "minerva_math": 272, "olympiadbench": 675}
+
+
+@pytest.mark.parametrize("name,count", COUNTS.items())
+def test_dataset_counts(name, count, data_dir):
+    records = load_dataset(name, data_dir)
+    assert len(records) == count
+    assert len({r.id for r in records}) == count
+    assert all(r.problem and r.answer for r in records)
+
+
+def test_record_fields(data_dir):
+    m = load_dataset("math500", data_dir)[0]
+    assert (m.id, m.answer, m.meta["level"], m.meta["subject"]) == (
+        "test/precalculus/807.json", "\\left( 3, \\frac{\\pi}{2} \\right)", 2, "Precalculus")
+    g = load_dataset("gsm8k", data_dir)[0]
+    assert g.answer == "18" and g.problem.startswith("Janet")
+    assert load_dataset("aime24", data_dir)[0].answer == "204"
+    assert load_dataset("amc23", data_dir)[0].answer == "27"  # the file stores 27.0
+    quirks = {r.id: r.answer for r in load_dataset("math_train", data_dir)}
+    assert quirks["train/number_theory/7115.json"] == "0"  # empty \boxed{} in MATH; intended answer 0
+    assert load_dataset("math500", data_dir, limit=7)[-1].id == load_dataset("math500", data_dir)[6].id
+
+
+def test_loader_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "x", "answer": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        load_dataset(str(bad))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n{"problem": "3+3", "answer": ""}\n')
+    with pytest.raises(ValueError, match=r"missing.jsonl:2: item has no answer"):
+        load_dataset(str(missing))
+    assert [r.answer for r in load_dataset(str(missing), skip_missing=True)] == ["2"]
+    assert load_dataset.skipped == 2
+    noprob = tmp_path / "noprob.jsonl"
+    noprob.write_text('{"question": "1+1", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"noprob.jsonl:1: missing field 'problem'"):
+        load_dataset(str(noprob))
+    assert load_dataset(str(noprob), problem_field="question")[0].problem == "1+1"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl not found"):
+        load_dataset(str(tmp_path / "nope.jsonl"))
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"arr.jsonl:1: expected a JSON object"):
+        load_dataset(str(arr))
+
+
+@pytest.fixture
+def loopback_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(root), **k)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_verifies_checksum(loopback_server, tmp_path, monkeypatch, data_dir):
+    root, base = loopback_server
+    body = open(os.path.join(data_dir, "aime24.jsonl"), "rb").read()
+    (root / "aime.jsonl").write_bytes(body)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("RLSP_DATA_DIR")
+    file, _, digest, parse = data.DATASETS["aime24"]
+    assert hashlib.sha256(body).hexdigest() == digest
+    monkeypatch.setitem(data.DATASETS, "aime24", (file, f"{base}/aime.jsonl", digest, parse))
+    records = load_dataset("aime24")  # no data dir: downloaded into the cache
+    assert len(records) == 30
+    cached = tmp_path / "cache" / "rlsp" / "data" / "aime24.jsonl"
+    assert cached.read_bytes() == body
+    (root / "aime.jsonl").write_bytes(b"{}\n")  # the cache is used from now on: no request needed
+    assert len(load_dataset("aime24")) == 30
+    # a corrupted cache is fetched again; a wrong checksum from the server is refused and not kept
+    cached.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="checksum mismatch .* the file was not kept"):
+        load_dataset("aime24")
+    assert not cached.exists() or cached.read_bytes() == b"garbage"
+    assert not [f for f in os.listdir(cached.parent) if f.endswith(".part")]
+    (root / "aime.jsonl").write_bytes(body)
+    assert len(load_dataset("aime24")) == 30 and cached.read_bytes() == body
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "smollm2"])
+@pytest.mark.parametrize("prompt", ["paper", "boxed", "Solve: {problem}\nThink."])
+def test_prompt_rendering_matches_transformers(fixture, prompt, request):
+    from transformers import AutoTokenizer
+    path = request.getfixturevalue(fixture)
+    ours, ref = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    problem = "If $x^2 = 16$ and $x > 0$, what is $x$?"
+    expected = ref.apply_chat_template(prompt_messages(problem, prompt), add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert render_prompt(ours, problem, prompt) == list(expected)
+    if prompt == "paper":
+        assert prompt_messages(problem, prompt) == [{"role": "user", "content": "Problem: " + problem}]
+    if prompt == "boxed":
+        assert prompt_messages(problem, prompt)[0]["content"].endswith("final answer within \\boxed{}.")
+
+
+def test_bad_prompt():
+    with pytest.raises(ValueError, match="neither one of"):
+        prompt_messages("x", "nonsense")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "smollm2"])
+def test_sft_mask_covers_exactly_the_assistant_turn(fixture, request):
+    tok = Tokenizer.from_pretrained(request.getfixturevalue(fixture))
+    messages = prompt_messages("What is 2+3?")
+    reply = "We add: 2 + 3 = 5. The answer is $\\boxed{5}$."
+    ids, mask = sft_example(tok, messages, reply)
+    assert len(ids) == len(mask)
+    n_prompt = mask.index(1)
+    assert ids[:n_prompt] == render_prompt(tok, "What is 2+3?")  # exactly what the sampler is given
+    assert all(mask[n_prompt:]) and not any(mask[:n_prompt])
+    assistant = tok.decode(ids[n_prompt:])
+    assert assistant.startswith(reply.strip()) and ids[-1] in tok.stop_token_ids
+    assert tok.decode(ids[n_prompt:-1]).strip() == reply.strip()
+
+
+def test_demonstrations_and_packing(tiny_qwen, data_dir, tmp_path):
+    tok = Tokenizer.from_pretrained(tiny_qwen)
+    demos = data.demonstrations("math_train", data_dir, limit=6)
+    assert len(demos) == 6 and demos[0][0][0]["content"].startswith("Problem: ")
+    examples = [sft_example(tok, m, r) for m, r in demos]
+    rows = pack(examples, 512, tok.pad_token_id)
+    assert all(len(r["ids"]) == len(r["mask"]) == len(r["positions"]) == len(r["doc"]) == 512 for r in rows)
+    # every example appears once, in order, unchanged (unless longer than a row)
+    flat = [(tuple(r["ids"][i] for i in range(512) if r["doc"][i] == d)) for r in rows for d in sorted(set(r["doc"]) - {-1})]
+    want = [tuple(ids[:512]) for ids, _ in examples]
+    assert flat == want
+    assert sum(sum(r["mask"]) for r in rows) == sum(sum(m[:512]) for _, m in examples)
+    assert pack.truncated == sum(len(ids) > 512 for ids, _ in examples)
+    for r in rows:  # positions restart at each example
+        for i in range(1, 512):
+            if r["doc"][i] == r["doc"][i - 1] and r["doc"][i] >= 0:
+                assert r["positions"][i] == r["positions"][i - 1] + 1
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "1+1?", "response": "2"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: expected fields 'prompt' and 'response'"):
+        data.demonstrations(str(pairs))
