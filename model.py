@@ -214,8 +214,10 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, cache_pos)
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions=None, mask=None):
-        """Logits B x T x V in fp32."""
+    def forward(self, input_ids, positions=None, mask=None, targets=None, temperature=1.0):
+        """Logits B x T x V in fp32; with `targets`, their log-probs B x T instead (see logprobs)."""
+        if targets is not None:
+            return self.logprobs(input_ids, targets, temperature, positions=positions, mask=mask)
         return self.lm_head(self.hidden_states(input_ids, positions, mask)).float()
 
     def logprobs(self, input_ids, targets, temperature=1.0, chunk=1024, positions=None, mask=None):
