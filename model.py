@@ -146,10 +146,8 @@ class Attention(nn.Module):
             cache[0].index_copy_(2, cache_pos, k)
             cache[1].index_copy_(2, cache_pos, v)
             k, v = cache
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -443,9 +441,8 @@ def sample_token(logits, temperature, top_p, top_k, generator):
     """Next tokens (B,) and their log-probs under softmax(logits / temperature). Top-k / top-p only
     restrict which tokens may be drawn; the reported log-prob is the one the trainer recomputes."""
     if temperature == 0:
-        logp = logits.log_softmax(-1)
         tok = logits.argmax(-1)
-        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+        return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
     logp = (logits / temperature).log_softmax(-1)
     filtered = logp
     if top_k and top_k < logits.shape[-1]:
