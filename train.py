@@ -29,13 +29,14 @@ DEFAULTS = dict(stage="sft", data="math_train", prompt="paper", seq_len=2048, ba
                 epochs=None, save_every=200, keep=2, heldout=64, eval_every=100, seed=0)
 # Arguments that define a run: resuming with different values would silently train something else.
 RUN_IDENTITY = ("stage", "model", "data", "prompt", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps",
-                "weight_decay", "max_steps", "heldout", "seed")
+                "weight_decay", "max_steps", "heldout", "seed", "group_size", "prompts_per_step", "exploration",
+                "reward_form", "alpha", "advantage", "kl_coef")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--stage", default=DEFAULTS["stage"], choices=["sft"], help="training stage")
+    g.add_argument("--stage", default=DEFAULTS["stage"], choices=["sft", "rl"], help="training stage")
     g.add_argument("--model", help="HF model folder to start from")
     g.add_argument("--data", default=DEFAULTS["data"], help="math_train, or a JSONL of (prompt, response) pairs")
     g.add_argument("--data-dir", default=None, help="dataset folder (default $RLSP_DATA_DIR, else download)")
@@ -56,6 +57,37 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"])
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g = p.add_argument_group("RL stage (rlsp.py; paper values in the README)")
+    g.add_argument("--prompts-per-step", type=int, default=8, help="problems per rank and step")
+    g.add_argument("--group-size", type=int, default=8, help="samples per problem (1 = the paper)")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="paper: 4096")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling and scoring temperature (paper: 0.7)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--exploration", default="length", choices=["length", "judge", "difficulty", "none"],
+                   help="exploration reward: -C/L, an LLM judge, -C/L scaled by the group's failure rate, or none")
+    g.add_argument("--reward-form", default="paper", choices=["paper", "code"],
+                   help="paper: alpha*outcome + (1-alpha)*R_ex (Eq. 1); code: outcome - C/L (released code)")
+    g.add_argument("--alpha", type=float, default=0.8, help="weight of correctness in Eq. 1 (paper: 0.8)")
+    g.add_argument("--alpha-decay", type=float, default=1.0, help="(1 - alpha) is multiplied by this each step")
+    g.add_argument("--length-c", type=float, default=1000.0, help="C in R_ex = -C/L (paper: 1000)")
+    g.add_argument("--no-answer-reward", type=float, default=-0.5, help="outcome when no \\boxed{} (code: -0.5)")
+    g.add_argument("--reward-clip", type=float, default=10.0, help="total reward clipped to [-x, x] (paper: 10)")
+    g.add_argument("--repetition-coef", type=float, default=0.0, help="penalty x share of repeated 10-grams")
+    g.add_argument("--advantage", default="grpo", choices=["grpo", "drgrpo", "rloo", "reinforce"])
+    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip below 1 (paper: 0.2)")
+    g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher; paper: 0.2)")
+    g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "constant"])
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
+    g.add_argument("--minibatches", type=int, default=1, help="optimizer updates per pass")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="beta; > 0 loads the frozen initial model (paper: 0.05)")
+    g.add_argument("--kl-estimator", default="k3", choices=["k1", "k3"], help="for --kl-placement loss")
+    g.add_argument("--kl-placement", default="loss", choices=["loss", "reward"], help="paper: reward (k1)")
+    g.add_argument("--judge-url", default=None, help="OpenAI-compatible /v1/chat/completions URL")
+    g.add_argument("--judge-model", default="gpt-4o-mini")
+    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--filter-solved", action="store_true", help="drop problems the start model solves greedily")
+    g.add_argument("--episodes-every", type=int, default=10, help="steps between sampled episodes written out")
+    g.add_argument("--episodes-logged", type=int, default=4)
     g = p.add_argument_group("checkpoints, evaluation, logs")
     g.add_argument("--save-every", type=int, default=DEFAULTS["save_every"], help="steps between checkpoints")
     g.add_argument("--keep", type=int, default=DEFAULTS["keep"], help="checkpoints kept")
@@ -278,6 +310,170 @@ def plot(run_dir):
 
 # ----------------------------------------------------------------------------- training
 
+class Run:
+    """What a step needs: the model (and its DDP wrapper), optimizer, tokenizer, data and devices."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def sft_setup(run, args):
+    run.train_rows, run.heldout_rows = build_rows(args, run.tokenizer)
+    return (f"{len(run.train_rows)} packed rows of {args.seq_len} tokens "
+            f"({len(run.heldout_rows)} held out)")
+
+
+def sft_step(run, args, step):
+    """One optimizer step of SFT; returns the metrics row (before the optimizer update is applied)."""
+    per_rank = args.batch_size // run.world
+    idx = step_rows(run.train_rows, step, args.batch_size, args.seed)
+    global_targets = sum(sum(run.train_rows[i]["mask"][1:]) for i in idx)  # known to every rank
+    mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
+    loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
+    for m in range(0, per_rank, args.micro_batch_size):
+        batch = to_batch([run.train_rows[i] for i in mine[m:m + args.micro_batch_size]], run.device)
+        last = m + args.micro_batch_size >= per_rank
+        # DDP averages gradients over ranks; scaling by world makes that the global token mean.
+        with (run.ddp.no_sync() if run.world > 1 and not last else contextlib.nullcontext()):
+            nll = token_losses(run.ddp, batch, run.autocast)
+            loss = (nll * batch[2]).sum() / max(global_targets, 1)
+            (loss * run.world).backward()
+        loss_sum += loss.detach().double()
+    return {"loss": all_reduce_sum(loss_sum).item(), "assistant_tokens": global_targets,
+            "tokens": args.batch_size * (args.seq_len - 1)}
+
+
+def rl_setup(run, args):
+    from data import load_dataset
+    import rlsp
+    records = load_dataset(args.data, args.data_dir, limit=args.limit)
+    if args.filter_solved:
+        records = filter_solved(run, args, records)
+    if not records:
+        raise ValueError(f"{args.data}: no training problems left")
+    run.records = records
+    run.judge = rlsp.Judge(args.judge_url, args.judge_model, args.judge_key_env) if args.exploration == "judge" else None
+    if args.exploration == "judge" and not args.judge_url:
+        raise ValueError("--exploration judge needs --judge-url (an OpenAI-compatible chat-completions endpoint)")
+    run.ref = None
+    if args.kl_coef > 0:  # the frozen initial model, loaded only when a KL term is used
+        from model import Transformer
+        run.ref = Transformer.from_pretrained(args.model, device=run.device).requires_grad_(False)
+    return f"{len(records)} RL problems, {args.prompts_per_step} x {args.group_size} samples per rank and step"
+
+
+def filter_solved(run, args, records):
+    """MATH train minus the problems the starting model already solves greedily (the paper's RL set)."""
+    import rlsp
+    keep = []
+    run.model.eval()
+    for i in range(0, len(records), 64):
+        chunk = records[i:i + 64]
+        eps = rlsp.rollout(run.model, run.tokenizer, chunk, 1, args.max_new_tokens, temperature=0, prompt=args.prompt)
+        rlsp.grade_episodes(eps)
+        keep += [r for r, e in zip(chunk, eps) if not e.verdict.correct]
+    run.model.train()
+    if run.rank == 0:
+        print(f"--filter-solved: kept {len(keep)} of {len(records)} problems the model does not solve greedily")
+    return keep
+
+
+def rl_step(run, args, step):
+    """rollout -> grade -> exploration reward -> combine -> advantages -> PPO-clip loss (rlsp.py)."""
+    import rlsp
+    from eval import BEHAVIOURS
+    P, G = args.prompts_per_step, args.group_size
+    idx = step_rows(run.records, step, P * run.world, args.seed)[run.rank * P:(run.rank + 1) * P]
+    t0 = time.perf_counter()
+    run.model.eval()
+    episodes = rlsp.rollout(run.model, run.tokenizer, [run.records[i] for i in idx], G, args.max_new_tokens,
+                            args.temperature, args.top_p, args.prompt, seed=args.seed * 1_000_003 + step * run.world + run.rank)
+    run.model.train()
+    t_rollout = time.perf_counter() - t0
+    rlsp.grade_episodes(episodes)
+    alpha = 1 - (1 - args.alpha) * args.alpha_decay ** step
+    rlsp.score_episodes(episodes, run.tokenizer, argparse.Namespace(**{**vars(args), "alpha": alpha}), run.judge)
+    x, y, mask, old = rlsp.episode_batch(episodes, run.tokenizer.pad_token_id, run.device)
+    kl_reward = torch.zeros(len(episodes))
+    ref_logp = None
+    if run.ref is not None:
+        with torch.no_grad(), run.autocast:
+            ref_logp = run.ref(x, targets=y, temperature=args.temperature)
+        if args.kl_placement == "reward":  # the paper: r - beta * sum_t k1
+            kl_reward = (rlsp.kl_terms(old, ref_logp, "k1") * mask).sum(1).cpu()
+    rewards = [e.rewards["total"] - args.kl_coef * float(k) for e, k in zip(episodes, kl_reward)]
+    adv, zero_var = rlsp.advantages(rewards, G, args.advantage)
+    adv = adv.to(run.device)
+    t1 = time.perf_counter()
+    n = len(episodes)
+    mb = math.ceil(n / args.minibatches)
+    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "logprob_gap": 0.0}
+    for epoch in range(args.ppo_epochs):
+        for k, s in enumerate(range(0, n, mb)):
+            sl = slice(s, s + mb)
+            with run.autocast:
+                logp = run.ddp(x[sl], targets=y[sl], temperature=args.temperature)
+            loss, clip_frac = rlsp.policy_loss(logp, old[sl], adv[sl], mask[sl], args.clip_low, args.clip_high,
+                                               args.loss_agg, args.max_new_tokens)
+            if ref_logp is not None:
+                kl = rlsp.aggregate(rlsp.kl_terms(logp, ref_logp[sl], args.kl_estimator), mask[sl], args.loss_agg,
+                                    args.max_new_tokens)
+                if args.kl_placement == "loss":
+                    loss = loss + args.kl_coef * kl
+                stats["kl"] += kl.item() / args.minibatches
+            if epoch == 0:  # same weights as the sampler: any gap is numerics (dtype, kernels, batching)
+                gap = ((logp.detach() - old[sl]).abs() * mask[sl]).sum() / mask[sl].sum().clamp(min=1)
+                stats["logprob_gap"] += gap.item() / args.minibatches
+            loss.backward()
+            stats["loss"] += loss.item() / (args.minibatches * args.ppo_epochs)
+            stats["clip_frac"] += clip_frac.item() / (args.minibatches * args.ppo_epochs)
+            if not (epoch == args.ppo_epochs - 1 and s + mb >= n):  # the last minibatch is stepped by the loop
+                finish_update(run, args)
+    t_train = time.perf_counter() - t1
+    m = mask.float()
+    lengths = [len(e.tokens) for e in episodes]
+    row = {"reward": mean([e.rewards["total"] for e in episodes]),
+           "outcome": mean([e.rewards["outcome"] for e in episodes]),
+           "exploration": mean([e.rewards["exploration"] for e in episodes]),
+           "accuracy": mean([e.verdict.correct for e in episodes]),
+           "no_answer_rate": mean([e.verdict.status == "no_answer" for e in episodes]),
+           "mean_length": mean(lengths), "max_length": max(lengths),
+           "truncation_rate": mean([not e.finished for e in episodes]),
+           "repetition": mean([e.rewards["repetition"] for e in episodes]),
+           "zero_variance_groups": zero_var, "alpha": alpha,
+           "entropy_est": (-(old * m).sum() / m.sum()).item(),  # E[-log p(sampled)] = entropy at temperature T
+           "rollout_tokens_per_s": sum(lengths) / t_rollout, "train_tokens_per_s": m.sum().item() * args.ppo_epochs / t_train,
+           "tokens": sum(lengths), **stats}
+    if run.judge is not None:
+        row["judge"] = mean([e.rewards["judge"] for e in episodes])
+        row["judge_failures"] = run.judge.failures
+    for b, rx in BEHAVIOURS.items():
+        row[f"{b}_proxy"] = mean([bool(rx.search(e.text)) for e in episodes])
+    if run.rank == 0 and args.episodes_every and step % args.episodes_every == 0:
+        with open(os.path.join(args.out, "episodes.jsonl"), "a") as f:
+            for e in episodes[:args.episodes_logged]:
+                f.write(json.dumps({"step": step + 1, "problem": e.record.problem, "answer": e.record.answer,
+                                    "response": e.text, "rewards": e.rewards, "status": e.verdict.status}) + "\n")
+    return row
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def finish_update(run, args):
+    """An optimizer update inside a step (PPO minibatches before the last): clip, check, step, zero."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip).item()
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm in a PPO minibatch ({grad_norm}); stopping")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+STAGES = {"sft": (sft_setup, sft_step), "rl": (rl_setup, rl_step)}
+
+
 def train(args):
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
@@ -290,7 +486,7 @@ def train(args):
         return None
     if not args.model:
         raise SystemExit("--model is required")
-    if args.batch_size % (world * args.micro_batch_size):
+    if args.stage == "sft" and args.batch_size % (world * args.micro_batch_size):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of world size {world} x "
                          f"--micro-batch-size {args.micro_batch_size}")
     Config.from_pretrained(args.model)  # a folder that is no checkpoint fails here, before any work
@@ -298,9 +494,7 @@ def train(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = Tokenizer.from_pretrained(args.model)
-    train_rows, heldout_rows = build_rows(args, tokenizer)
-    start = resume_from or args.model
-    model = Transformer.from_pretrained(start, device=device, dtype=torch.float32)  # fp32 master weights
+    model = Transformer.from_pretrained(resume_from or args.model, device=device, dtype=torch.float32)  # fp32 master
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
@@ -312,8 +506,11 @@ def train(args):
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
         step = state["step"]
-    ddp = DDP(model) if world > 1 else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    run = Run(model=model, ddp=DDP(model) if world > 1 else model, optimizer=optimizer, tokenizer=tokenizer,
+              rank=rank, world=world, device=device,
+              autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"))
+    setup, step_fn = STAGES[args.stage]
+    described = setup(run, args)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         log = os.path.join(args.out, "metrics.jsonl")
@@ -324,58 +521,38 @@ def train(args):
                 f.writelines(kept)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        print(f"{len(train_rows)} packed rows of {args.seq_len} tokens ({len(heldout_rows)} held out); "
-              f"world {world} on {device}; steps {step} -> {args.max_steps}" + (f"; resumed from {resume_from}" if resume_from else ""))
+        print(f"{args.stage}: {described}; world {world} on {device}; steps {step} -> {args.max_steps}" +
+              (f"; resumed from {resume_from}" if resume_from else ""))
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="sft")
-    per_rank = args.batch_size // world
-    t_start, tokens_seen = time.perf_counter(), 0
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=args.stage)
+    t_start, first_step = time.perf_counter(), step
     while step < args.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = step_rows(train_rows, step, args.batch_size, args.seed)
-        global_targets = sum(sum(train_rows[i]["mask"][1:]) for i in idx)  # known to every rank
-        mine = idx[rank * per_rank:(rank + 1) * per_rank]
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for m in range(0, per_rank, args.micro_batch_size):
-            batch = to_batch([train_rows[i] for i in mine[m:m + args.micro_batch_size]], device)
-            last = m + args.micro_batch_size >= per_rank
-            # DDP averages gradients over ranks; scaling by world makes that the global token mean.
-            with (ddp.no_sync() if world > 1 and not last else contextlib.nullcontext()):
-                nll = token_losses(ddp, batch, autocast)
-                loss = (nll * batch[2]).sum() / max(global_targets, 1)
-                (loss * world).backward()
-            loss_sum += loss.detach().double()
-        loss_value = all_reduce_sum(loss_sum).item()
+        row = step_fn(run, args, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        bad = [k for k, v in (("loss", row["loss"]), ("gradient norm", grad_norm)) if not math.isfinite(v)]
+        if bad:
             last_good = checkpoints(args.out)
-            raise FloatingPointError(f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
-                                     f"at step {step + 1} (loss {loss_value}, grad norm {grad_norm}); stopping. "
-                                     f"Last good checkpoint: "
+            raise FloatingPointError(f"non-finite {bad[0]} at step {step + 1} (loss {row['loss']}, grad norm "
+                                     f"{grad_norm}); stopping. Last good checkpoint: "
                                      f"{os.path.join(args.out, last_good[-1]) if last_good else 'none (saved every --save-every steps)'}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        n_tok = args.batch_size * (args.seq_len - 1)
-        tokens_seen += n_tok
         dt = time.perf_counter() - t0
-        row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt,
-               "assistant_tokens": global_targets}
-        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-            row["heldout_loss"] = heldout_loss(model, heldout_rows, args, device, autocast)
-            if args.eval_data and rank == 0:
-                row.update(benchmark_eval(model, tokenizer, args, step))
+        row = {"step": step, **row, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": row["tokens"] / dt}
+        if args.stage == "sft" and args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+            row["heldout_loss"] = heldout_loss(model, run.heldout_rows, args, device, run.autocast)
+        if args.eval_data and args.eval_every and (step % args.eval_every == 0 or step == args.max_steps) and rank == 0:
+            row.update(benchmark_eval(model, tokenizer, args, step))
             model.train()
         if rank == 0:
-            elapsed = time.perf_counter() - t_start
-            eta = elapsed / tokens_seen * (args.max_steps - step) * n_tok
+            eta = (time.perf_counter() - t_start) / (step - first_step) * (args.max_steps - step)
             bar.update(1)
-            bar.write(f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                      f"{row['tokens_per_s']:.0f} tok/s | eta {eta / 60:.1f} min" +
-                      (f" | heldout {row['heldout_loss']:.4f}" if "heldout_loss" in row else ""))
+            bar.write(log_line(row, eta))
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             if step % args.save_every == 0 or step == args.max_steps:
@@ -394,6 +571,21 @@ def train(args):
     if dist.is_initialized():
         dist.destroy_process_group()
     return model
+
+
+LOG_KEYS = ("loss", "reward", "accuracy", "exploration", "mean_length", "truncation_rate", "kl", "entropy_est",
+            "clip_frac", "logprob_gap", "grad_norm", "lr", "tokens_per_s", "heldout_loss")
+
+
+def log_line(row, eta):
+    """One dense line per step."""
+    parts = [f"step {row['step']:6d}"]
+    for k in LOG_KEYS:
+        if k in row:
+            v = row[k]
+            parts.append(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.0f}" if k.endswith("per_s") or k == "mean_length"
+                         else f"{k} {v:.4f}")
+    return " | ".join(parts) + f" | eta {eta / 60:.1f} min"
 
 
 def benchmark_eval(model, tokenizer, args, step):
