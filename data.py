@@ -272,3 +272,24 @@ def pack(examples, seq_len, pad_id):
     pack.truncated = truncated
     return rows
 
+
+
+# ----------------------------------------------------------------------------- synthetic task (the CPU demo)
+
+def arithmetic(n, seed=0, terms=3, digits=2):
+    """`n` problems "a+b+c" with exact answers and two demonstrations each: `steps` writes every partial
+    sum ("47+85=132\\n132+36=168\\n\\boxed{168}"), `direct` only the box. Writing the partial sums is the
+    path to the right answer for a small model: each line is one two-number addition."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        xs = [rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in range(terms)]
+        lines, acc = [], xs[0]
+        for x in xs[1:]:
+            lines.append(f"{acc}+{x}={acc + x}")
+            acc += x
+        answer = str(acc)
+        out.append(Record(f"arith-{seed}-{i}", "+".join(map(str, xs)), answer,
+                          {"steps": "\n".join(lines) + f"\n\\boxed{{{answer}}}", "direct": f"\\boxed{{{answer}}}"}))
+    return out

@@ -99,6 +99,14 @@ def parse_args(argv=None):
     g.add_argument("--dry-run", action="store_true", help="print the memory the run needs per GPU and exit")
     g.add_argument("--gpus", type=int, default=None, help="--dry-run: GPUs to plan for (default: world size)")
     g.add_argument("--plot", metavar="RUN_DIR", help="draw PNG curves of RUN_DIR/metrics.jsonl and exit")
+    g = p.add_argument_group("the demo (python train.py with no --model)")
+    g.add_argument("--demo-problems", type=int, default=20000, help="synthetic problems: half SFT, half RL")
+    g.add_argument("--demo-heldout", type=int, default=500, help="held-out problems for the final table")
+    g.add_argument("--demo-sft-steps", type=int, default=500)
+    g.add_argument("--demo-rl-steps", type=int, default=40)
+    g.add_argument("--demo-rl-lr", type=float, default=1e-4)
+    g.add_argument("--demo-length-c", type=float, default=16.0,
+                   help="C for 64-token responses: the paper's 1000 for 4096 tokens, scaled (1000 * 64 / 4096)")
     return p.parse_args(argv)
 
 
@@ -598,12 +606,113 @@ def benchmark_eval(model, tokenizer, args, step):
     return {f"eval_{args.eval_data}_accuracy": s["accuracy"], f"eval_{args.eval_data}_mean_length": s["mean_length"]}
 
 
+# ----------------------------------------------------------------------------- the CPU demo
+
+DEMO_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_demo_model(path, seed=0):
+    """A small Llama from scratch in HF layout: a character-level tokenizer trained with `tokenizers`
+    on the task's alphabet, a chat template, and randomly initialised weights."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from model import Config, Transformer
+    specials = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
+    tk.decoder = decoders.Fuse()
+    alphabet = "0123456789+=\n\\boxed{}Problem: system"
+    tk.train_from_iterator([alphabet], trainers.BpeTrainer(vocab_size=len(specials) + len(set(alphabet)),
+                                                           special_tokens=specials))
+    os.makedirs(path, exist_ok=True)
+    tk.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": DEMO_TEMPLATE, "eos_token": "<|end|>", "pad_token": "<|pad|>"}, f)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [tk.token_to_id("<|end|>")]}, f)
+    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tk.get_vocab_size(),
+           "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
+           "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": tk.token_to_id("<|end|>"),
+           "pad_token_id": tk.token_to_id("<|pad|>")}
+    torch.manual_seed(seed)
+    model = Transformer(Config.from_dict(raw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(path)
+    return path
+
+
+def demo(args):
+    """`python train.py`: SFT then RLSP on synthetic arithmetic, from scratch, on a CPU, in minutes."""
+    from data import arithmetic
+    from eval import evaluate, mean_ci95
+    from model import Tokenizer, Transformer
+    out = args.out
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists: remove it or pass another --out")
+    t0 = time.perf_counter()
+    base = build_demo_model(os.path.join(out, "base"), args.seed)
+    problems = arithmetic(args.demo_problems + args.demo_heldout, seed=args.seed, terms=10, digits=1)
+    heldout, pool = problems[:args.demo_heldout], problems[args.demo_heldout:]
+    half = len(pool) // 2  # demonstrations: half write the partial sums, half only the answer
+    rng = random.Random(args.seed)
+    with open(os.path.join(out, "sft.jsonl"), "w") as f:
+        for r in pool[:half]:
+            f.write(json.dumps({"prompt": r.problem, "response": r.meta[rng.choice(["steps", "direct"])]}) + "\n")
+    with open(os.path.join(out, "rl.jsonl"), "w") as f:
+        for r in pool[half:]:
+            f.write(json.dumps({"problem": r.problem, "answer": r.answer}) + "\n")
+    common = ["--seed", str(args.seed), "--eval-every", "0", "--save-every", "1000000", "--warmup-steps", "10"]
+    main(["--stage", "sft", "--model", base, "--data", os.path.join(out, "sft.jsonl"), "--out", os.path.join(out, "sft"),
+          "--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "16", "--lr", "3e-3", "--heldout", "64",
+          "--max-steps", str(args.demo_sft_steps), *common])
+    main(["--stage", "rl", "--model", os.path.join(out, "sft", "final"), "--data", os.path.join(out, "rl.jsonl"),
+          "--out", os.path.join(out, "rlsp"), "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "128",
+          "--temperature", "1.0", "--lr", str(args.demo_rl_lr), "--max-steps", str(args.demo_rl_steps), "--exploration", args.exploration,
+          "--length-c", str(args.demo_length_c), "--alpha", str(args.alpha), "--episodes-every", "10", *common])
+    table = {}
+    for stage in ("sft", "rlsp"):
+        folder = os.path.join(out, stage, "final")
+        s = evaluate(Transformer.from_pretrained(folder, device="cpu"), Tokenizer.from_pretrained(folder), heldout,
+                     os.path.join(out, f"eval-{stage}"), max_new_tokens=128, batch_size=250, progress=False)
+        table[stage] = s
+    summary = {"heldout_n": len(heldout), "exploration": args.exploration, "seconds": time.perf_counter() - t0}
+    for stage, s in table.items():
+        summary[f"{stage}_accuracy"], summary[f"{stage}_ci95"] = s["accuracy"], s["ci95"]
+        summary[f"{stage}_mean_length"] = s["mean_length"]
+    paired = [b["correct"] - a["correct"] for a, b in zip(read_jsonl_rows(os.path.join(out, "eval-sft")),
+                                                           read_jsonl_rows(os.path.join(out, "eval-rlsp")))]
+    summary["gain"], summary["gain_ci95"] = mean_ci95(paired)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\nheld-out synthetic arithmetic, {len(heldout)} problems, greedy ({summary['seconds']:.0f} s in all)")
+    print(f"| stage | accuracy | 95% CI | mean length |\n|---|---:|---:|---:|")
+    for stage, name in (("sft", "SFT"), ("rlsp", f"SFT + RLSP ({args.exploration})")):
+        lo, hi = summary[f"{stage}_ci95"]
+        print(f"| {name} | {summary[f'{stage}_accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] | {summary[f'{stage}_mean_length']:.1f} |")
+    lo, hi = summary["gain_ci95"]
+    print(f"gain {summary['gain']:+.1%} (paired 95% CI [{lo:+.1%}, {hi:+.1%}]); summary: {os.path.join(out, 'summary.json')}")
+    return summary
+
+
+def read_jsonl_rows(run_dir):
+    with open(os.path.join(run_dir, "samples.jsonl")) as f:
+        return sorted((json.loads(line) for line in f), key=lambda s: (s["id"], s["sample"]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         plot(args.plot)
-        return
-    train(args)
+        return None
+    if not args.model and not args.dry_run:  # no model: the offline demo, the project's main job
+        if args.out == "runs/sft":
+            args.out = "runs/demo"
+        return demo(args)
+    return train(args)
 
 
 if __name__ == "__main__":

@@ -277,16 +277,9 @@ class Parser:
         base = self.postfix()
         if self.peek() == "^":
             self.take()
-            exp = self.unary() if self.peek() in ("-", "+") else self.postfix_atom_only()
+            exp = self.unary() if self.peek() in ("-", "+") else self.postfix()
             return self.pow(base, exp)
         return base
-
-    def postfix_atom_only(self):
-        e = self.atom()
-        while self.peek() == "!":
-            self.take()
-            e = self.factorial(e)
-        return e
 
     def postfix(self):
         e = self.atom()
