@@ -140,6 +140,7 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
     seconds = 0.0
     bar = tqdm(total=len(work), desc="eval", disable=not progress, dynamic_ncols=True)
     bar.update(sum((r.id, k) in done for r, k in work))
+    stops = set(tokenizer.stop_token_ids)
     for b, start in enumerate(range(0, len(work), batch_size)):
         batch = work[start:start + batch_size]
         if all((r.id, k) in done for r, k in batch):
@@ -150,7 +151,6 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
         outs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                         stop_token_ids=tokenizer.stop_token_ids, seed=seed + b)
         seconds += time.perf_counter() - t0
-        stops = set(tokenizer.stop_token_ids)
         responses = [tokenizer.decode([t for t in c.tokens if t not in stops]) for c in outs]
         golds = [r.answer for r, _ in batch]
         verdicts = {m: grade_batch(responses, golds, mode="last_boxed" if m == "strict" else "paper", workers=workers)

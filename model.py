@@ -450,8 +450,8 @@ def sample_token(logits, temperature, top_p, top_k, generator):
         filtered = filtered.masked_fill(filtered < kth, -float("inf"))
     if top_p < 1.0:
         sorted_lp, idx = filtered.sort(dim=-1, descending=True)
-        cum = sorted_lp.softmax(-1).cumsum(-1)
-        drop = (cum - sorted_lp.softmax(-1)) > top_p  # keep the smallest prefix whose mass reaches top_p
+        p = sorted_lp.softmax(-1)
+        drop = (p.cumsum(-1) - p) > top_p  # keep the smallest prefix whose mass reaches top_p
         filtered = filtered.scatter(-1, idx, sorted_lp.masked_fill(drop, -float("inf")))
     # Gumbel-max through exponential noise: argmax(p / E) ~ Categorical(p), with no host sync.
     noise = torch.empty_like(filtered).exponential_(1, generator=generator)

@@ -13,6 +13,7 @@ plus trainer state, written to a temporary folder and renamed; `--resume` contin
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -148,15 +149,16 @@ def build_rows(args, tokenizer):
     return train, heldout
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    return tuple(random.Random(seed * 1_000_003 + epoch).sample(range(n), n))
+
+
 def step_rows(rows, step, batch_size, seed):
     """Indices of the global batch for `step`: epochs are fresh permutations, a function of seed and
     step only, so a resumed run reads exactly the rows it would have read."""
-    out = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch, j = divmod(i, len(rows))
-        perm = random.Random(seed * 1_000_003 + epoch).sample(range(len(rows)), len(rows))
-        out.append(perm[j])
-    return out
+    return [epoch_order(seed, i // len(rows), len(rows))[i % len(rows)]
+            for i in range(step * batch_size, (step + 1) * batch_size)]
 
 
 def to_batch(rows, device):
@@ -436,7 +438,7 @@ def rl_step(run, args, step):
             stats["loss"] += loss.item() / (args.minibatches * args.ppo_epochs)
             stats["clip_frac"] += clip_frac.item() / (args.minibatches * args.ppo_epochs)
             if not (epoch == args.ppo_epochs - 1 and s + mb >= n):  # the last minibatch is stepped by the loop
-                finish_update(run, args)
+                optimizer_update(run, args, step, loss.item())
     t_train = time.perf_counter() - t1
     m = mask.float()
     lengths = [len(e.tokens) for e in episodes]
@@ -470,13 +472,19 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def finish_update(run, args):
-    """An optimizer update inside a step (PPO minibatches before the last): clip, check, step, zero."""
+def optimizer_update(run, args, step, loss):
+    """Clip, check, step, zero; returns the gradient norm. A non-finite loss or gradient stops the run,
+    naming the step and the last good checkpoint (nothing non-finite is ever applied or saved)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip).item()
-    if not math.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm in a PPO minibatch ({grad_norm}); stopping")
+    bad = [k for k, v in (("loss", loss), ("gradient norm", grad_norm)) if not math.isfinite(v)]
+    if bad:
+        last_good = checkpoints(args.out)
+        raise FloatingPointError(f"non-finite {bad[0]} at step {step + 1} (loss {loss}, grad norm {grad_norm}); "
+                                 f"stopping. Last good checkpoint: "
+                                 f"{os.path.join(args.out, last_good[-1]) if last_good else 'none (saved every --save-every steps)'}")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 STAGES = {"sft": (sft_setup, sft_step), "rl": (rl_setup, rl_step)}
@@ -540,15 +548,7 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         row = step_fn(run, args, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        bad = [k for k, v in (("loss", row["loss"]), ("gradient norm", grad_norm)) if not math.isfinite(v)]
-        if bad:
-            last_good = checkpoints(args.out)
-            raise FloatingPointError(f"non-finite {bad[0]} at step {step + 1} (loss {row['loss']}, grad norm "
-                                     f"{grad_norm}); stopping. Last good checkpoint: "
-                                     f"{os.path.join(args.out, last_good[-1]) if last_good else 'none (saved every --save-every steps)'}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_update(run, args, step, row["loss"])
         step += 1
         dt = time.perf_counter() - t0
         row = {"step": step, **row, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": row["tokens"] / dt}
@@ -648,7 +648,7 @@ def build_demo_model(path, seed=0):
 def demo(args):
     """`python train.py`: SFT then RLSP on synthetic arithmetic, from scratch, on a CPU, in minutes."""
     from data import arithmetic
-    from eval import evaluate, mean_ci95
+    from eval import evaluate, mean_ci95, read_samples
     from model import Tokenizer, Transformer
     out = args.out
     if os.path.exists(out):
@@ -683,8 +683,9 @@ def demo(args):
     for stage, s in table.items():
         summary[f"{stage}_accuracy"], summary[f"{stage}_ci95"] = s["accuracy"], s["ci95"]
         summary[f"{stage}_mean_length"] = s["mean_length"]
-    paired = [b["correct"] - a["correct"] for a, b in zip(read_jsonl_rows(os.path.join(out, "eval-sft")),
-                                                           read_jsonl_rows(os.path.join(out, "eval-rlsp")))]
+    by_id = [sorted(read_samples(os.path.join(out, f"eval-{stage}")), key=lambda x: (x["id"], x["sample"]))
+             for stage in ("sft", "rlsp")]
+    paired = [b["correct"] - a["correct"] for a, b in zip(*by_id)]
     summary["gain"], summary["gain_ci95"] = mean_ci95(paired)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -696,11 +697,6 @@ def demo(args):
     lo, hi = summary["gain_ci95"]
     print(f"gain {summary['gain']:+.1%} (paired 95% CI [{lo:+.1%}, {hi:+.1%}]); summary: {os.path.join(out, 'summary.json')}")
     return summary
-
-
-def read_jsonl_rows(run_dir):
-    with open(os.path.join(run_dir, "samples.jsonl")) as f:
-        return sorted((json.loads(line) for line in f), key=lambda s: (s["id"], s["sample"]))
 
 
 def main(argv=None):
