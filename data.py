@@ -277,9 +277,10 @@ def pack(examples, seq_len, pad_id):
 # ----------------------------------------------------------------------------- synthetic task (the CPU demo)
 
 def arithmetic(n, seed=0, terms=3, digits=2):
-    """`n` problems "a+b+c" with exact answers and two demonstrations each: `steps` writes every partial
-    sum ("47+85=132\\n132+36=168\\n\\boxed{168}"), `direct` only the box. Writing the partial sums is the
-    path to the right answer for a small model: each line is one two-number addition."""
+    """`n` problems "a+b+c" with exact answers and three demonstrations each: `steps` writes every partial
+    sum ("47+85=132\\n132+36=168\\n\\boxed{168}"), `checked` re-does the last addition as a check
+    before the box ("verify: 132+36=168"), `direct` writes only the box. Writing the partial sums is
+    the path to the right answer for a small model: each line is one two-number addition."""
     import random
     rng = random.Random(seed)
     out = []
@@ -289,7 +290,9 @@ def arithmetic(n, seed=0, terms=3, digits=2):
         for x in xs[1:]:
             lines.append(f"{acc}+{x}={acc + x}")
             acc += x
-        answer = str(acc)
-        out.append(Record(f"arith-{seed}-{i}", "+".join(map(str, xs)), answer,
-                          {"steps": "\n".join(lines) + f"\n\\boxed{{{answer}}}", "direct": f"\\boxed{{{answer}}}"}))
+        problem, answer = "+".join(map(str, xs)), str(acc)
+        steps = "\n".join(lines)
+        out.append(Record(f"arith-{seed}-{i}", problem, answer,
+                          {"steps": f"{steps}\n\\boxed{{{answer}}}", "direct": f"\\boxed{{{answer}}}",
+                           "checked": f"{steps}\nverify: {lines[-1]}\n\\boxed{{{answer}}}"}))
     return out

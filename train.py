@@ -106,6 +106,9 @@ def parse_args(argv=None):
     g.add_argument("--demo-sft-steps", type=int, default=500)
     g.add_argument("--demo-rl-steps", type=int, default=40)
     g.add_argument("--demo-rl-lr", type=float, default=1e-4)
+    g.add_argument("--demo-rl-temperature", type=float, default=1.0, help="sampling temperature (paper: 0.7)")
+    g.add_argument("--demo-mix", default="direct:2,steps:1,checked:1",
+                   help="demonstration styles and weights: direct (box only), steps, checked (steps + verify)")
     g.add_argument("--demo-length-c", type=float, default=16.0,
                    help="C for 64-token responses: the paper's 1000 for 4096 tokens, scaled (1000 * 64 / 4096)")
     return p.parse_args(argv)
@@ -621,7 +624,7 @@ def build_demo_model(path, seed=0):
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
     tk.decoder = decoders.Fuse()
-    alphabet = "0123456789+=\n\\boxed{}Problem: system"
+    alphabet = "0123456789+=\n\\boxed{}Problem: system verify"
     tk.train_from_iterator([alphabet], trainers.BpeTrainer(vocab_size=len(specials) + len(set(alphabet)),
                                                            special_tokens=specials))
     os.makedirs(path, exist_ok=True)
@@ -645,6 +648,23 @@ def build_demo_model(path, seed=0):
     return path
 
 
+def parse_mix(text):
+    """--demo-mix "direct:2,steps:1,checked:1" -> (["direct", "steps", "checked"], [2.0, 1.0, 1.0])."""
+    styles, weights = [], []
+    for part in text.split(","):
+        name, _, w = (s.strip() for s in part.partition(":"))
+        if name not in ("direct", "steps", "checked"):
+            raise ValueError(f"--demo-mix {text!r}: unknown style {name!r} (expected direct, steps or checked)")
+        try:
+            weights.append(float(w or 1))
+        except ValueError:
+            raise ValueError(f"--demo-mix {text!r}: weight {w!r} of {name} is not a number") from None
+        styles.append(name)
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--demo-mix {text!r}: weights must be >= 0 with a positive sum")
+    return styles, weights
+
+
 def demo(args):
     """`python train.py`: SFT then RLSP on synthetic arithmetic, from scratch, on a CPU, in minutes."""
     from data import arithmetic
@@ -657,11 +677,12 @@ def demo(args):
     base = build_demo_model(os.path.join(out, "base"), args.seed)
     problems = arithmetic(args.demo_problems + args.demo_heldout, seed=args.seed, terms=10, digits=1)
     heldout, pool = problems[:args.demo_heldout], problems[args.demo_heldout:]
-    half = len(pool) // 2  # demonstrations: half write the partial sums, half only the answer
+    half = len(pool) // 2
+    styles, weights = parse_mix(args.demo_mix)
     rng = random.Random(args.seed)
     with open(os.path.join(out, "sft.jsonl"), "w") as f:
         for r in pool[:half]:
-            f.write(json.dumps({"prompt": r.problem, "response": r.meta[rng.choice(["steps", "direct"])]}) + "\n")
+            f.write(json.dumps({"prompt": r.problem, "response": r.meta[rng.choices(styles, weights)[0]]}) + "\n")
     with open(os.path.join(out, "rl.jsonl"), "w") as f:
         for r in pool[half:]:
             f.write(json.dumps({"problem": r.problem, "answer": r.answer}) + "\n")
@@ -671,7 +692,8 @@ def demo(args):
           "--max-steps", str(args.demo_sft_steps), *common])
     main(["--stage", "rl", "--model", os.path.join(out, "sft", "final"), "--data", os.path.join(out, "rl.jsonl"),
           "--out", os.path.join(out, "rlsp"), "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "128",
-          "--temperature", "1.0", "--lr", str(args.demo_rl_lr), "--max-steps", str(args.demo_rl_steps), "--exploration", args.exploration,
+          "--temperature", str(args.demo_rl_temperature), "--lr", str(args.demo_rl_lr),
+          "--max-steps", str(args.demo_rl_steps), "--exploration", args.exploration,
           "--length-c", str(args.demo_length_c), "--alpha", str(args.alpha), "--episodes-every", "10", *common])
     table = {}
     for stage in ("sft", "rlsp"):
@@ -683,6 +705,7 @@ def demo(args):
     for stage, s in table.items():
         summary[f"{stage}_accuracy"], summary[f"{stage}_ci95"] = s["accuracy"], s["ci95"]
         summary[f"{stage}_mean_length"] = s["mean_length"]
+        summary[f"{stage}_verification_rate"] = s["behaviour_rates_proxy"]["verification"]
     by_id = [sorted(read_samples(os.path.join(out, f"eval-{stage}")), key=lambda x: (x["id"], x["sample"]))
              for stage in ("sft", "rlsp")]
     paired = [b["correct"] - a["correct"] for a, b in zip(*by_id)]
@@ -690,10 +713,11 @@ def demo(args):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nheld-out synthetic arithmetic, {len(heldout)} problems, greedy ({summary['seconds']:.0f} s in all)")
-    print(f"| stage | accuracy | 95% CI | mean length |\n|---|---:|---:|---:|")
+    print(f"| stage | accuracy | 95% CI | mean length | verifies |\n|---|---:|---:|---:|---:|")
     for stage, name in (("sft", "SFT"), ("rlsp", f"SFT + RLSP ({args.exploration})")):
         lo, hi = summary[f"{stage}_ci95"]
-        print(f"| {name} | {summary[f'{stage}_accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] | {summary[f'{stage}_mean_length']:.1f} |")
+        print(f"| {name} | {summary[f'{stage}_accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] | "
+              f"{summary[f'{stage}_mean_length']:.1f} | {summary[f'{stage}_verification_rate']:.1%} |")
     lo, hi = summary["gain_ci95"]
     print(f"gain {summary['gain']:+.1%} (paired 95% CI [{lo:+.1%}, {hi:+.1%}]); summary: {os.path.join(out, 'summary.json')}")
     return summary

@@ -161,3 +161,24 @@ def test_demonstrations_and_packing(tiny_qwen, data_dir, tmp_path):
     pairs.write_text(json.dumps({"prompt": "1+1?", "response": "2"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: expected fields 'prompt' and 'response'"):
         data.demonstrations(str(pairs))
+
+
+def test_arithmetic_demonstrations():
+    from verifier import grade
+    problems = data.arithmetic(200, seed=3, terms=4, digits=2)
+    assert len({r.problem for r in problems}) == 200 and problems == data.arithmetic(200, seed=3, terms=4, digits=2)
+    for r in problems:
+        xs = [int(x) for x in r.problem.split("+")]
+        assert len(xs) == 4 and all(10 <= x <= 99 for x in xs) and int(r.answer) == sum(xs)
+        lines = r.meta["steps"].split("\n")
+        assert len(lines) == 4 and lines[-1] == f"\\boxed{{{sum(xs)}}}" and r.meta["direct"] == lines[-1]
+        acc = xs[0]
+        for line, x in zip(lines, xs[1:]):  # every line adds one more term to the running sum
+            assert line == f"{acc}+{x}={acc + x}"
+            acc += x
+        assert r.meta["checked"] == "\n".join(lines[:-1] + [f"verify: {lines[-2]}", lines[-1]])
+        for style in ("steps", "direct", "checked"):
+            assert grade(r.meta[style], r.answer).correct
+    from eval import BEHAVIOURS
+    assert BEHAVIOURS["verification"].search(problems[0].meta["checked"])
+    assert not BEHAVIOURS["verification"].search(problems[0].meta["steps"])
