@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from model import Config, Tokenizer, Transformer, generate
+from model import Config, Tokenizer, Transformer, generate, row_groups
 
 
 def hf_model(path):
@@ -77,7 +77,8 @@ def test_kv_cache_decode_equals_full_forward(tiny_qwen):
     assert_logits_close(torch.cat(steps, 1), full)
 
 
-def test_batched_generation_equals_one_at_a_time(tiny_llama):
+@pytest.mark.parametrize("blocks", [(128, 64), (4, 4)])  # (4, 4): rows attend in several padding groups
+def test_batched_generation_equals_one_at_a_time(tiny_llama, blocks):
     model = Transformer.from_pretrained(tiny_llama, device="cpu")
     prompts = [random_ids(700, 1, n, seed=n)[0].tolist() for n in (5, 17, 9, 30, 12)]
     # stop on a token that some rows sample early, so the batch gets compacted mid-run
@@ -88,7 +89,8 @@ def test_batched_generation_equals_one_at_a_time(tiny_llama):
             counts[t] = counts.get(t, 0) + 1
     stop = max(counts, key=counts.get)
     alone = [generate(model, [p], 24, temperature=0, stop_token_ids=[stop])[0] for p in prompts]
-    batched = generate(model, prompts, 24, temperature=0, stop_token_ids=[stop], check_every=2)
+    batched = generate(model, prompts, 24, temperature=0, stop_token_ids=[stop], check_every=2,
+                       kv_block=blocks[0], group_block=blocks[1])
     assert any(c.finished for c in alone) and not all(c.finished for c in alone)
     for a, b in zip(alone, batched):
         assert a.tokens == b.tokens and a.finished == b.finished
@@ -98,6 +100,12 @@ def test_batched_generation_equals_one_at_a_time(tiny_llama):
             assert b.tokens[-1] == stop and stop not in b.tokens[:-1]
         else:
             assert len(b.tokens) == 24
+
+
+def test_row_groups():
+    # pads 0, 3, 130, 140, 300 with blocks of 128: starts 0, 0, 128, 128, 256
+    assert row_groups([0, 3, 130, 140, 300], 128) == [(0, 2, 0), (2, 4, 128), (4, 5, 256)]
+    assert row_groups([5, 9], 1000) == [(0, 2, 0)]
 
 
 def test_sampler_logprobs_equal_full_forward(tiny_qwen):
