@@ -273,7 +273,6 @@ def pack(examples, seq_len, pad_id):
     return rows
 
 
-
 # ----------------------------------------------------------------------------- synthetic task (the CPU demo)
 
 def arithmetic(n, seed=0, terms=3, digits=2):

@@ -548,7 +548,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     # On CPU, rows whose prompts are much shorter than the longest skip their all-padding cache slots,
     # in groups of rows whose padding agrees to `group_block` slots (one attention call per group);
     # on GPU one call for the whole batch (kernel launches cost more than reading padding).
-    groups = row_groups(pad.tolist(), group_block if device.type == "cpu" else L)
+    group_block = group_block if device.type == "cpu" else L
+    groups = row_groups(pad.tolist(), group_block)
     for t in range(max_new_tokens):
         tok, lp = sample_token(logits, temperature, top_p, top_k, generator)
         tok = torch.where(live_done, pad_id, tok)
@@ -566,7 +567,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                 keep = (~live_done).nonzero().squeeze(1)
                 rows, pad, tok, live_done = rows[keep], pad[keep], tok[keep], live_done[keep]
                 caches = [(k[keep], v[keep]) for k, v in caches]
-                groups = row_groups(pad.tolist(), group_block if device.type == "cpu" else L)
+                groups = row_groups(pad.tolist(), group_block)
         cur = P + t
         # Attend over the cache prefix rounded up to `kv_block` keys: no reading of slots not yet
         # written, and only L / kv_block distinct shapes (compile-friendly).

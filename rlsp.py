@@ -192,8 +192,10 @@ def difficulty_scale(group_correct):
     return 1.0 - sum(group_correct) / len(group_correct)
 
 
-def score_episodes(episodes, tokenizer, args, judge=None):
-    """Fill each episode's reward components and total, per the flags in `args`."""
+def score_episodes(episodes, tokenizer, args, judge=None, alpha=None):
+    """Fill each episode's reward components and total, per the flags in `args` (`alpha`, when given,
+    replaces `args.alpha`: the decayed value of the current step)."""
+    alpha = args.alpha if alpha is None else alpha
     groups = {}
     for e in episodes:
         groups.setdefault(e.group, []).append(e.verdict.correct)
@@ -209,7 +211,7 @@ def score_episodes(episodes, tokenizer, args, judge=None):
         judge_score = judged[i] if judged else None
         if judge_score is not None:
             r["judge"] = judge_score
-        total = combine(r["outcome"], ex, args.reward_form, args.alpha, judge_score, args.reward_clip)
+        total = combine(r["outcome"], ex, args.reward_form, alpha, judge_score, args.reward_clip)
         r["total"] = total - args.repetition_coef * r["repetition"]
         e.rewards = r
 

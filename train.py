@@ -405,7 +405,7 @@ def rl_step(run, args, step):
     t_rollout = time.perf_counter() - t0
     rlsp.grade_episodes(episodes)
     alpha = 1 - (1 - args.alpha) * args.alpha_decay ** step
-    rlsp.score_episodes(episodes, run.tokenizer, argparse.Namespace(**{**vars(args), "alpha": alpha}), run.judge)
+    rlsp.score_episodes(episodes, run.tokenizer, args, run.judge, alpha)
     x, y, mask, old = rlsp.episode_batch(episodes, run.tokenizer.pad_token_id, run.device)
     kl_reward = torch.zeros(len(episodes))
     ref_logp = None
@@ -555,9 +555,10 @@ def train(args):
         step += 1
         dt = time.perf_counter() - t0
         row = {"step": step, **row, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": row["tokens"] / dt}
-        if args.stage == "sft" and args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+        eval_now = args.eval_every and (step % args.eval_every == 0 or step == args.max_steps)
+        if eval_now and args.stage == "sft":
             row["heldout_loss"] = heldout_loss(model, run.heldout_rows, args, device, run.autocast)
-        if args.eval_data and args.eval_every and (step % args.eval_every == 0 or step == args.max_steps) and rank == 0:
+        if eval_now and args.eval_data and rank == 0:
             row.update(benchmark_eval(model, tokenizer, args, step))
             model.train()
         if rank == 0:
