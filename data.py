@@ -98,7 +98,12 @@ def download(url, dest, expected_sha256):
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as r:
+        try:
+            r = urllib.request.urlopen(url, timeout=60)
+        except OSError as e:  # URLError, HTTPError, timeouts
+            raise ConnectionError(f"could not download {url} ({e}); without network, put {os.path.basename(dest)} "
+                                  f"in a folder and pass --data-dir (or set RLSP_DATA_DIR)") from e
+        with os.fdopen(fd, "wb") as out, r:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {os.path.basename(dest)}") as bar:
                 for block in iter(lambda: r.read(1 << 16), b""):

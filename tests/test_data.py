@@ -102,6 +102,12 @@ def test_download_verifies_checksum(loopback_server, tmp_path, monkeypatch, data
     assert not [f for f in os.listdir(cached.parent) if f.endswith(".part")]
     (root / "aime.jsonl").write_bytes(body)
     assert len(load_dataset("aime24")) == 30 and cached.read_bytes() == body
+    # a missing file on the server (404) or no network: a clear error naming the URL and --data-dir
+    cached.unlink()
+    monkeypatch.setitem(data.DATASETS, "aime24", (file, f"{base}/missing.jsonl", digest, parse))
+    with pytest.raises(ConnectionError, match=r"could not download .*/missing.jsonl .*HTTP Error 404.*--data-dir"):
+        load_dataset("aime24")
+    assert not [f for f in os.listdir(cached.parent) if f.endswith(".part")]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "smollm2"])

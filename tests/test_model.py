@@ -1,12 +1,14 @@
 """model.py against transformers: logits, cached decoding, batched sampling, save/load, tokenizer, errors."""
+import copy
 import json
 import os
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import Config, Tokenizer, Transformer, generate, row_groups
+from model import Config, Linear, Tokenizer, Transformer, generate, row_groups
 
 
 def hf_model(path):
@@ -148,6 +150,29 @@ def test_logprobs_chunked_gradients(tiny_llama):
     ref.sum().backward()
     assert torch.allclose(lp, ref, atol=1e-5)
     assert torch.allclose(g_chunked, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)
+
+
+def test_cpu_packed_linear_follows_weight_changes():
+    """Without gradients on CPU, Linear multiplies by a oneDNN-packed copy of its weight: it must give
+    F.linear's numbers and be rebuilt after an optimizer step, a load_state_dict and a copy."""
+    torch.manual_seed(0)
+    lin = Linear(96, 40, bias=True)
+    x = torch.randn(3, 5, 96)
+    with torch.no_grad():
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
+    assert Linear.packable and "_packed" in lin.__dict__  # the fast path ran, not the fallback
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    lin(x).square().sum().backward()  # with gradients: plain F.linear
+    opt.step()
+    with torch.inference_mode():  # as in generate
+        y = lin(x)
+    assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-5)
+    lin.load_state_dict({"weight": torch.randn(40, 96), "bias": torch.randn(40)})
+    with torch.no_grad():
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
+        twin = copy.deepcopy(lin)
+        assert torch.equal(twin(x), lin(x))
+        assert torch.allclose(lin.double()(x.double()), F.linear(x.double(), lin.weight, lin.bias), atol=1e-9)
 
 
 def test_greedy_matches_transformers_generate(smollm2):
