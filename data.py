@@ -96,13 +96,13 @@ def download(url, dest, expected_sha256):
     sha256 matches."""
     from tqdm import tqdm
     os.makedirs(os.path.dirname(dest), exist_ok=True)
+    try:
+        r = urllib.request.urlopen(url, timeout=60)
+    except OSError as e:  # URLError, HTTPError, timeouts
+        raise ConnectionError(f"could not download {url} ({e}); without network, put {os.path.basename(dest)} "
+                              f"in a folder and pass --data-dir (or set RLSP_DATA_DIR)") from e
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")
     try:
-        try:
-            r = urllib.request.urlopen(url, timeout=60)
-        except OSError as e:  # URLError, HTTPError, timeouts
-            raise ConnectionError(f"could not download {url} ({e}); without network, put {os.path.basename(dest)} "
-                                  f"in a folder and pass --data-dir (or set RLSP_DATA_DIR)") from e
         with os.fdopen(fd, "wb") as out, r:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {os.path.basename(dest)}") as bar:

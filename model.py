@@ -118,29 +118,33 @@ class Linear(nn.Linear):
     packable = True  # turned off, for every layer, the first time this torch build cannot pack
 
     def forward(self, x):
-        if x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.dtype == torch.float32:
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.dtype == torch.float32 \
+                and Linear.packable:
             w = self.packed_weight()
             if w is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def packed_weight(self):
+        """The packed copy in `_packed` = (key, storage, packed): the key is the weight's data pointer and
+        version; its storage is held so that the address cannot come back as another weight's."""
         w = self.weight
-        if Linear.packable and self.__dict__.get("_packed_of") != (w.data_ptr(), w._version):
+        key = (w.data_ptr(), w._version)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
             try:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)  # 16: a batch-size hint
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)  # 16: a batch-size hint
             except (AttributeError, RuntimeError):  # no oneDNN in this torch build
                 Linear.packable = False
-            else:  # the storage is held so that its address cannot come back as another weight's
-                self._packed_of, self._packed_storage = (w.data_ptr(), w._version), w.untyped_storage()
-        return self._packed if Linear.packable else None
+                return None
+            self._packed = cached = (key, w.untyped_storage(), packed)
+        return cached[2]
 
     def __getstate__(self):  # copy.deepcopy and pickle leave the packed copy behind
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_packed")}
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): the packed copy is stale
-        for name in ("_packed", "_packed_of", "_packed_storage"):
-            self.__dict__.pop(name, None)
+        self.__dict__.pop("_packed", None)
         return super()._apply(fn, *args, **kwargs)
 
 
