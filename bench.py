@@ -4,7 +4,8 @@
     python bench.py --device cuda --dtype bfloat16    # GPU: random weights at Qwen2.5-0.5B / 1.5B shapes
 
 Three measurements, each printed as rlsp, transformers and the ratio: sampling (new tokens/s, every
-row forced to full length), prefill (prompt tokens/s) and a training forward+backward (tokens/s).
+row forced to full length), prefill (prompt tokens/s) and a training forward+backward (tokens/s). A
+fourth compares RL rollouts of G samples per prompt with one prefill per group against G prefills.
 On GPU the sampler is also reported as a fraction of the memory-bandwidth roofline: each decode step
 must at least read every weight and the KV cache written so far once.
 """
@@ -102,6 +103,89 @@ def bench_sampling(args, ours, ref, prompts, device):
     return n_new / best[0], n_new / best[1]
 
 
+def bench_group_rollout(args, ours, prompts, device):
+    """RL rollouts of `--group-prompts` prompts x `--group-size` samples (temperature 1, every row forced to
+    `--new-tokens`): each prompt prefilled once and its cache copied to its G rows (`samples=G`), against the
+    G copies of each prompt prefilled separately (the rollout before group prefill). Best of `--repeats`,
+    interleaved. Returns new tokens/s of both."""
+    prompts, G = prompts[:args.group_prompts], args.group_size
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def grouped():
+        return generate(ours, prompts, args.new_tokens, temperature=1.0, seed=0, samples=G)
+
+    def duplicated():
+        return generate(ours, [p for p in prompts for _ in range(G)], args.new_tokens, temperature=1.0, seed=0)
+
+    assert [c.tokens for c in grouped()] == [c.tokens for c in duplicated()]  # the same rollouts, token for token
+    best = [float("inf"), float("inf")]
+    for _ in range(args.repeats):
+        for i, fn in enumerate((grouped, duplicated)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    n_new = len(prompts) * G * args.new_tokens
+    return n_new / best[0], n_new / best[1]
+
+
+def check_rl_memory_plan(args):
+    """One real RL run (2 steps) of a random ~170M-parameter Llama on CPU, its peak resident memory above
+    the process's footprint before the model was loaded, against rlsp.memory_estimate's CPU plan (fp32
+    activations and KV cache, the policy sampling itself) plus the CPU-only packed copy of the weights
+    while sampling. Prints both and their ratio."""
+    import shutil
+    import subprocess
+    import sys
+    import rlsp
+    import train
+    from model import Config, kv_cache_bytes
+    sys.path.insert(0, "tests")
+    from conftest import _save_tiny
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = os.path.join(tmp, "tiny")
+        _save_tiny(tiny, "llama")  # only for its tokenizer files
+        path = os.path.join(tmp, "model")
+        raw = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 1024,
+               "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16,
+               "num_key_value_heads": 4, "head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+               "rope_theta": 10000.0, "tie_word_embeddings": False}
+        torch.manual_seed(0)
+        Transformer(Config.from_dict(raw)).save_pretrained(path)
+        for f in os.listdir(tiny):
+            if f not in ("config.json", "model.safetensors"):
+                shutil.copy(os.path.join(tiny, f), path)
+        argv = ["--stage", "rl", "--model", path, "--data", "gsm8k", "--data-dir", args.data_dir,
+                "--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens", "128", "--temperature", "1.0",
+                "--micro-batch-tokens", "4096", "--max-steps", "2", "--eval-every", "0", "--save-every", "100",
+                "--out", os.path.join(tmp, "run")]
+        code = ("import json, os, sys; sys.path.insert(0, '.'); import train\n"
+                "rss = lambda: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS'))) / 2**20\n"
+                "base = rss(); train.main(sys.argv[1:])\n"
+                "rows = [json.loads(x) for x in open(os.path.join(sys.argv[-1], 'metrics.jsonl'))]\n"
+                "print('MEASURED', rows[-1]['peak_mem_gib'] - base)")
+        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"the RL run failed:\n{p.stderr[-3000:]}")
+        out = p.stdout
+        measured = float(out.split("MEASURED")[1])
+        cfg = Config.from_dict(raw)
+        args_ns = train.parse_args(argv)
+        n, held, sampling, training = rlsp.memory_estimate(cfg, rlsp.Settings.from_args(args_ns), 8, False, gpu=False)
+        sampling["packed weights (CPU only)"] = 4 * n
+        prompt = 512  # the estimate's assumption; the real prompts are shorter
+        gib = 2 ** 30
+        est = sum(held.values()) + max(sum(sampling.values()), sum(training.values()))
+        print(f"RL memory plan vs a real CPU run ({n / 1e6:.0f}M parameters, 8 x 8 rollouts of <= {prompt} + 128 tokens, "
+              f"micro-batches of 4096 tokens, fp32):")
+        print(f"  estimate {est / gib:.2f} GiB (held {sum(held.values()) / gib:.2f}, sampling "
+              f"{sum(sampling.values()) / gib:.2f} incl. KV cache {kv_cache_bytes(cfg, 64, prompt + 128, 4) / gib:.2f}, "
+              f"training {sum(training.values()) / gib:.2f})")
+        print(f"  measured peak RSS above the pre-load footprint {measured:.2f} GiB: estimate / measured = "
+              f"{est / gib / measured:.2f}")
+
+
 def bench_prefill(args, ours, ref, device):
     ids = torch.randint(0, ours.config.vocab_size, (args.prefill_batch, args.prefill_len), device=device)
     with torch.inference_mode():
@@ -151,22 +235,35 @@ def run(args, path, label, device, dtype):
     ours = Transformer.from_pretrained(path, device=device, dtype=dtype)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     prompts = prompts_for(args, ours.config.vocab_size)
-    rows = []
-    s = bench_sampling(args, ours, ref, prompts, device)
     lengths = sorted(len(p) for p in prompts)
     print(f"{label}: {len(prompts)} prompts of {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]})")
-    rows.append((f"sampling, new tokens/s (batch {args.batch} x {args.new_tokens})", *s))
-    if device.type == "cuda":
-        frac = roofline_fraction(ours, prompts, args.new_tokens, s[0], args.batch, device)
-        if frac is not None:
-            print(f"{label}: rlsp sampler reaches {frac:.1%} of the memory-bandwidth roofline")
-    rows.append((f"prefill, tokens/s ({args.prefill_batch} x {args.prefill_len})", *bench_prefill(args, ours, ref, device)))
-    rows.append((f"train fwd+bwd, tokens/s ({args.train_batch} x {args.train_len})", *bench_training(args, ours, ref, device)))
+    measures = args.measures.split(",")
+    rows = []
+    if "sampling" in measures:
+        s = bench_sampling(args, ours, ref, prompts, device)
+        rows.append((f"sampling, new tokens/s (batch {args.batch} x {args.new_tokens})", *s))
+        if device.type == "cuda":
+            frac = roofline_fraction(ours, prompts, args.new_tokens, s[0], args.batch, device)
+            if frac is not None:
+                print(f"{label}: rlsp sampler reaches {frac:.1%} of the memory-bandwidth roofline")
+    if "prefill" in measures:
+        rows.append((f"prefill, tokens/s ({args.prefill_batch} x {args.prefill_len})",
+                     *bench_prefill(args, ours, ref, device)))
+    if "train" in measures:
+        rows.append((f"train fwd+bwd, tokens/s ({args.train_batch} x {args.train_len})",
+                     *bench_training(args, ours, ref, device)))
     print(f"\n{label} ({dtype}, {device_name(device)})")
-    print(f"| {'measure':<42} | {'rlsp':>9} | {'transformers':>12} | {'ratio':>6} |")
-    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 14}|{'-' * 8}|")
-    for name, a, b in rows:
-        print(f"| {name:<42} | {a:9.1f} | {b:12.1f} | {a / b:5.2f}x |")
+    if rows:
+        print(f"| {'measure':<42} | {'rlsp':>9} | {'transformers':>12} | {'ratio':>6} |")
+        print(f"|{'-' * 44}|{'-' * 11}|{'-' * 14}|{'-' * 8}|")
+        for name, a, b in rows:
+            print(f"| {name:<42} | {a:9.1f} | {b:12.1f} | {a / b:5.2f}x |")
+    if "rollout" in measures:
+        a, b = bench_group_rollout(args, ours, prompts, device)
+        name = f"rollout, new tokens/s ({args.group_prompts} prompts x G={args.group_size} x {args.new_tokens})"
+        print(f"\n| {'measure':<50} | {'one prefill per group':>21} | {'G prefills':>10} | {'ratio':>6} |")
+        print(f"|{'-' * 52}|{'-' * 23}|{'-' * 12}|{'-' * 8}|")
+        print(f"| {name:<50} | {a:21.1f} | {b:10.1f} | {a / b:5.2f}x |")
 
 
 def device_name(device):
@@ -190,8 +287,14 @@ def main():
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-len", type=int, default=256)
+    p.add_argument("--group-prompts", type=int, default=4, help="rollout bench: prompts (each sampled G times)")
+    p.add_argument("--group-size", type=int, default=8, help="rollout bench: G, samples per prompt")
+    p.add_argument("--measures", default="sampling,prefill,train,rollout",
+                   help="which measurements to run; `memory` alone checks the RL memory plan on CPU instead")
     p.add_argument("--data-dir", default=os.environ.get("RLSP_DATA_DIR", os.path.join("..", "shared", "data")))
     args = p.parse_args()
+    if args.measures == "memory":
+        return check_rl_memory_plan(args)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)

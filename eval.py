@@ -14,26 +14,14 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
 from collections import Counter, defaultdict
 
-from data import load_dataset, render_prompt
-from verifier import grade_batch, normalize
+from data import load_dataset
+from verifier import BEHAVIOURS, grade_batch, normalize
 
-# Keyword proxies for the behaviours RLSP is about. They count phrases, not reasoning: a response
-# that says "wait" has not necessarily backtracked. Reported as rates of responses with any match.
-BEHAVIOURS = {
-    "backtracking": re.compile(r"\b(wait|actually|hmm|let me re-?(?:think|consider|evaluate|do)|i made a mistake|"
-                               r"that's (?:not right|wrong|incorrect)|on second thought|scratch that)\b", re.I),
-    "verification": re.compile(r"\b(let me (?:check|verify|double-check)|double-check|verif(?:y|ying|ication)|"
-                               r"check(?:ing)? (?:our|my|the) (?:answer|work|result)|plug(?:ging)? (?:it |this )?back|"
-                               r"substitut(?:e|ing) back|sanity check)\b", re.I),
-    "alternatives": re.compile(r"\b(alternatively|another (?:approach|way|method)|a different (?:approach|way|method)|"
-                               r"let(?:'s| us| me) try (?:a different|another))\b", re.I),
-}
 REPEAT_NGRAM = 10  # words; a response "repeats" when some 10-word n-gram occurs 3+ times
 
 
@@ -123,7 +111,7 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
     With `out_dir`, sample lines are appended to out_dir/samples.jsonl batch by batch and finished
     batches are skipped on a rerun; summary.json is written at the end. train.py calls this too."""
     from tqdm import tqdm
-    from model import generate
+    from rlsp import sample
     work = [(r, k) for r in records for k in range(samples)]
     done = {}
     path = os.path.join(out_dir, "samples.jsonl") if out_dir else None
@@ -140,24 +128,22 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
     seconds = 0.0
     bar = tqdm(total=len(work), desc="eval", disable=not progress, dynamic_ncols=True)
     bar.update(sum((r.id, k) in done for r, k in work))
-    stops = set(tokenizer.stop_token_ids)
     for b, start in enumerate(range(0, len(work), batch_size)):
         batch = work[start:start + batch_size]
         if all((r.id, k) in done for r, k in batch):
             continue
-        prompts = [render_prompt(tokenizer, r.problem, prompt) for r, _ in batch]
         t0 = time.perf_counter()
         # The seed depends on the batch index only, so a resumed run redraws exactly the same samples.
-        outs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                        stop_token_ids=tokenizer.stop_token_ids, seed=seed + b)
+        outs = sample(model, tokenizer, [r.problem for r, _ in batch], 1, max_new_tokens, temperature, top_p,
+                      prompt, seed=seed + b)
         seconds += time.perf_counter() - t0
-        responses = [tokenizer.decode([t for t in c.tokens if t not in stops]) for c in outs]
+        responses = [c.text for c in outs]
         golds = [r.answer for r, _ in batch]
         verdicts = {m: grade_batch(responses, golds, mode="last_boxed" if m == "strict" else "paper", workers=workers)
                     for m in ("strict", "paper")}
         lines = []
-        for i, ((r, k), p, c, text) in enumerate(zip(batch, prompts, outs, responses)):
-            s = {"id": r.id, "sample": k, "prompt": tokenizer.decode(p), "response": text, "answer": r.answer,
+        for i, ((r, k), c, text) in enumerate(zip(batch, outs, responses)):
+            s = {"id": r.id, "sample": k, "prompt": tokenizer.decode(c.prompt_ids), "response": text, "answer": r.answer,
                  "num_tokens": len(c.tokens), "finished": c.finished,
                  "level": r.meta.get("level"), "subject": r.meta.get("subject")}
             for m, vs in verdicts.items():

@@ -118,8 +118,8 @@ class Linear(nn.Linear):
     packable = True  # turned off, for every layer, the first time this torch build cannot pack
 
     def forward(self, x):
-        if x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.dtype == torch.float32 \
-                and Linear.packable:
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.dtype == x.dtype == torch.float32 \
+                and Linear.packable and not torch.is_autocast_enabled("cpu"):  # autocast: F.linear runs it in bf16
             w = self.packed_weight()
             if w is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
@@ -249,11 +249,13 @@ class Transformer(nn.Module):
             return self.logprobs(input_ids, targets, temperature, positions=positions, mask=mask)
         return self.lm_head(self.hidden_states(input_ids, positions, mask)).float()
 
-    def logprobs(self, input_ids, targets, temperature=1.0, chunk=1024, positions=None, mask=None):
+    def logprobs(self, input_ids, targets, temperature=1.0, chunk_tokens=2048, positions=None, mask=None):
         """log softmax(logits / temperature) at `targets` (B x T), in fp32, without ever holding the
-        B x T x V fp32 logits: the vocabulary projection runs over `chunk` positions at a time and, when
-        gradients are on, is recomputed in backward (so memory is one chunk, not the whole sequence)."""
+        B x T x V fp32 logits: the vocabulary projection runs over about `chunk_tokens` tokens (B rows x
+        chunk_tokens / B positions) at a time and, when gradients are on, is recomputed in backward, so
+        memory is one chunk (chunk_tokens x V x 4 bytes, times ~3 for softmax temporaries) at any length."""
         h = self.hidden_states(input_ids, positions, mask)
+        chunk = max(1, chunk_tokens // h.shape[0])
 
         def chunk_logprobs(hc, tc):
             logits = self.lm_head(hc).float() / temperature
@@ -351,6 +353,37 @@ class Transformer(nn.Module):
         raw["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(raw, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- memory arithmetic
+
+def parameter_count(cfg: Config):
+    """Parameters of the model `cfg` describes (embeddings, attention, MLP, norms, an untied head)."""
+    h, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    bias = (q + 2 * kv) if cfg.attention_bias else 0
+    return V * h * (1 if cfg.tie_word_embeddings else 2) + L * (h * (q + 2 * kv) + bias + q * h + 3 * h * I + 2 * h) + h
+
+
+def activation_bytes(cfg: Config, tokens, checkpointing=False, elem=2):
+    """Bytes saved for backward by one forward over `tokens` tokens under bf16 autocast (elem = 2; 4 for
+    plain fp32): per layer the norm inputs (fp32), q/k/v, attention output, MLP input / gate / up /
+    activation; with gradient checkpointing only each layer's fp32 input, plus one layer's worth during
+    its recompute."""
+    h, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    per_layer = elem * (3 * h + q + 2 * kv + q + 4 * I) + 4 * 2 * h
+    return tokens * (L * 4 * h + per_layer) if checkpointing else tokens * L * per_layer
+
+
+def kv_cache_bytes(cfg: Config, rows, length, dtype_bytes=2):
+    """The sampler's static KV cache: keys and values of every layer for rows x length positions."""
+    return 2 * cfg.num_hidden_layers * rows * length * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def logits_chunk_bytes(cfg: Config, chunk_tokens=2048):
+    """One chunk of `Transformer.logprobs`: fp32 logits of chunk_tokens positions and ~2 temporaries."""
+    return chunk_tokens * cfg.vocab_size * 4 * 3
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -515,8 +548,10 @@ def row_groups(pads, block):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(),
-             seed=None, pad_id=0, check_every=8, prefill_tokens=4096, kv_block=128, group_block=64):
-    """Sample continuations of many prompts (lists of token ids) at once.
+             seed=None, pad_id=0, samples=1, check_every=8, prefill_tokens=4096, kv_block=128, group_block=64):
+    """Sample continuations of many prompts (lists of token ids) at once: `samples` of each, returned
+    prompt by prompt (prompt 0's samples, then prompt 1's, ...). Each prompt is prefilled once and its
+    KV cache copied to its `samples` rows (a GRPO group shares one prefill).
 
     Rows are sorted by prompt length and left-padded into one batch with per-row positions and a
     padding mask, so each row is computed exactly as if alone. Prefill runs over chunks of
@@ -532,7 +567,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         raise ValueError("generate: needs at least one prompt, and every prompt at least one token")
     order = sorted(range(len(prompts)), key=lambda b: -len(prompts[b]))
     prompts = [list(prompts[b]) for b in order]
-    B, P = len(prompts), len(prompts[0])
+    G = samples
+    B, P = len(prompts) * G, len(prompts[0])
     L = P + max_new_tokens
     if L > cfg.max_position_embeddings:
         raise ValueError(f"generate: prompt length {P} + max_new_tokens {max_new_tokens} = {L} exceeds the "
@@ -542,24 +578,31 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     stops = torch.tensor(sorted(set(stop_token_ids)) or [-1], device=device)
 
     lengths = [len(p) for p in prompts]
-    pad = torch.tensor([P - n for n in lengths], device=device)
+    pad = torch.tensor([P - n for n in lengths], device=device).repeat_interleave(G)
     kv_shape = (B, cfg.num_key_value_heads, L, cfg.head_dim)
     caches = [(torch.zeros(kv_shape, device=device, dtype=dtype), torch.zeros(kv_shape, device=device, dtype=dtype))
               for _ in range(cfg.num_hidden_layers)]
     logits = torch.empty(B, cfg.vocab_size, device=device)
     for r0, r1 in prefill_chunks(lengths, prefill_tokens):
-        # Chunk rows are left-padded to the chunk's longest prompt Pc and fill cache slots P-Pc .. P-1.
+        # Chunk rows are left-padded to the chunk's longest prompt Pc and fill cache slots P-Pc .. P-1
+        # of the first row of each prompt's group (rows r*G); the group's other rows are copied below.
         Pc = lengths[r0]
         ids = torch.tensor([[pad_id] * (Pc - n) + p for n, p in zip(lengths[r0:r1], prompts[r0:r1])], device=device)
-        cpad = pad[r0:r1] - (P - Pc)
+        cpad = pad[r0 * G:r1 * G:G] - (P - Pc)
         q_idx = torch.arange(Pc, device=device)
         valid = q_idx[None] >= cpad[:, None]
         # causal over real tokens; pad queries attend to themselves only (their outputs are never used)
         mask = (valid[:, None, :] | torch.eye(Pc, dtype=torch.bool, device=device)) & (q_idx[None, :] <= q_idx[:, None])
         positions = (q_idx[None] - cpad[:, None]).clamp(min=0)
-        views = [(k[r0:r1, :, P - Pc:P], v[r0:r1, :, P - Pc:P]) for k, v in caches]
+        views = [(k[r0 * G:r1 * G:G, :, P - Pc:P], v[r0 * G:r1 * G:G, :, P - Pc:P]) for k, v in caches]
         h = model.hidden_states(ids, positions, mask[:, None], views, q_idx)
-        logits[r0:r1] = model.lm_head(h[:, -1]).float()
+        logits[r0 * G:r1 * G:G] = model.lm_head(h[:, -1]).float()
+    if G > 1:  # every row of a group starts from its first row's prompt cache and next-token logits
+        for k, v in caches:
+            for c in (k, v):
+                grouped = c[:, :, :P].unflatten(0, (-1, G))
+                grouped[:, 1:] = grouped[:, :1]
+        logits.unflatten(0, (-1, G))[:, 1:] = logits.unflatten(0, (-1, G))[:, :1]
 
     key_idx = torch.arange(L, device=device)
     rows = torch.arange(B, device=device)  # original row index of each live batch row
@@ -604,8 +647,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     out_tok, out_lp, n_steps = out_tok.cpu(), out_lp.cpu(), n_steps.cpu()
     stop_set = set(stop_token_ids)
     result = [None] * B
-    for i, b in enumerate(order):
+    for i in range(B):
         n = int(n_steps[i])
         toks = out_tok[i, :n].tolist()
-        result[b] = Completion(toks, out_lp[i, :n].tolist(), bool(toks) and toks[-1] in stop_set)
+        result[order[i // G] * G + i % G] = Completion(toks, out_lp[i, :n].tolist(), bool(toks) and toks[-1] in stop_set)
     return result

@@ -1,7 +1,9 @@
-"""RLSP: rewards, advantages, losses and rollouts for the RL stage (Ye et al., 2025).
+"""RLSP's RL stage (Ye et al., 2025): one step, read top to bottom. `rl_step` calls, in order:
 
-One RL step, each arrow a function below:
-    rollout -> grade (verifier.py) -> exploration reward -> combine -> advantages -> policy loss -> step
+    sample -> grade -> rewards -> KL penalty -> advantages -> policy update -> step metrics
+
+train.py owns the loop, checkpoints and logging common to SFT and RL; everything that makes a step an
+RL step is in this file, driven by a `Settings` (the flags of the same names).
 
 Deviations from the paper and its released code (OpenRLHF PPO with a critic):
 - No critic, no GAE: advantages come from the REINFORCE / GRPO family (group or batch baselines).
@@ -10,7 +12,9 @@ Deviations from the paper and its released code (OpenRLHF PPO with a critic):
   paper used 0.05 with k1 inside the reward, available as `--kl-placement reward --kl-estimator k1`).
 - The exploration length L counts tokens before the first \\boxed{} exactly (the released
   `orm_server_efficient.py` used characters / 4).
-- `--exploration difficulty` and the repetition guard go beyond the paper (see their docstrings).
+- `--exploration difficulty`, the repetition guard and DAPO's overlong remedies go beyond the paper.
+- The PPO ratio's old log-probs come from the trainer's own forward (same precision and kernels as the
+  loss), not from the sampler; the sampler's log-probs are kept to report the gap between the two.
 """
 import json
 import math
@@ -19,41 +23,195 @@ import re
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
 
 import torch
 
-# ----------------------------------------------------------------------------- rollouts
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    """The knobs of the step that change what is learned (train.py's flags of the same names; the README
+    lists the paper's values beside these defaults)."""
+    group_size: int = 8               # samples per prompt (the paper: 1)
+    max_new_tokens: int = 1024
+    temperature: float = 0.7          # sampling and scoring temperature
+    top_p: float = 1.0
+    prompt: str = "paper"
+    exploration: str = "length"       # length | judge | difficulty | none
+    reward_form: str = "paper"        # paper (Eq. 1) | code (the released code)
+    alpha: float = 0.8
+    alpha_decay: float = 1.0
+    length_c: float = 1000.0
+    no_answer_reward: float = -0.5
+    reward_clip: float = 10.0
+    repetition_coef: float = 0.0
+    overlong_filter: bool = False     # DAPO: truncated responses left out of the loss
+    overlong_buffer: int = 0          # DAPO: soft penalty over the last N tokens before the cap
+    overlong_penalty: float = 1.0
+    advantage: str = "grpo"           # grpo | drgrpo | rloo | reinforce
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean | constant
+    ppo_epochs: int = 1
+    minibatches: int = 1              # optimizer steps per pass over the rollouts
+    micro_batch_tokens: int = 4096    # memory only: tokens per forward/backward
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_placement: str = "loss"        # loss | reward (the paper)
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def errors(self, prompts_per_step=None):
+        """What cannot work, one sentence per problem, each naming its flag."""
+        e = []
+        for name in ("group_size", "max_new_tokens", "ppo_epochs", "minibatches", "micro_batch_tokens"):
+            if getattr(self, name) < 1:
+                e.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.group_size == 1 and self.advantage in ("grpo", "drgrpo", "rloo"):
+            e.append(f"--advantage {self.advantage} needs --group-size >= 2: a group of one is its own baseline, so "
+                     f"every advantage is 0; use --advantage reinforce (batch baseline) for one sample per prompt")
+        if not self.temperature > 0:
+            e.append(f"--temperature must be > 0 in the RL stage (got {self.temperature}): the policy gradient "
+                     f"needs samples from the policy, and greedy decoding is not")
+        if not 0 < self.top_p <= 1:
+            e.append(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if not 0 <= self.alpha <= 1 or not 0 <= self.alpha_decay <= 1:
+            e.append(f"--alpha and --alpha-decay must be in [0, 1] (got {self.alpha}, {self.alpha_decay})")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            e.append(f"--clip-low must be in [0, 1) and --clip-high >= 0 (got {self.clip_low}, {self.clip_high})")
+        if self.kl_coef < 0:
+            e.append(f"--kl-coef must be >= 0 (got {self.kl_coef})")
+        if self.kl_coef > 0 and self.kl_placement == "loss" and self.kl_estimator == "k1":
+            e.append("--kl-estimator k1 in the loss has zero expected gradient (E[grad log pi] = 0); use k3 in the "
+                     "loss, or k1 with --kl-placement reward (the paper)")
+        if not 0 <= self.overlong_buffer < self.max_new_tokens:
+            e.append(f"--overlong-buffer must be in [0, --max-new-tokens) (got {self.overlong_buffer})")
+        if prompts_per_step is not None and self.minibatches > prompts_per_step * self.group_size:
+            e.append(f"--minibatches {self.minibatches} exceeds the {prompts_per_step * self.group_size} "
+                     f"episodes per rank and step (--prompts-per-step x --group-size)")
+        return e
+
+
+# ----------------------------------------------------------------------------- the step
+
+def rl_step(run, problems, s, step, seed, optimizer_step, episodes_file=None, episodes_logged=4):
+    """One RL step on `problems` (data.Record); returns the step's metrics row.
+
+    `run` carries the policy (`model`, and `ddp`, its DDP wrapper or itself), `rollout` (RolloutWeights),
+    `ref` (the frozen initial model or None), `judge` (Judge or None), `tokenizer`, `autocast`, `device`.
+    `optimizer_step(loss)` clips, checks and applies one update; the policy update calls it for every
+    minibatch of every PPO epoch."""
+    t0 = time.perf_counter()
+    episodes = rollout(run.rollout(), run.tokenizer, problems, s, seed)
+    t_rollout = time.perf_counter() - t0
+    grade_episodes(episodes)
+    alpha = decayed_alpha(s, step)
+    score_episodes(episodes, run.tokenizer, s, alpha, run.judge)
+    t1 = time.perf_counter()
+    plan = update_plan(episodes, s)
+    old_logp = policy_logprobs(run, episodes, plan, s) if needs_old_pass(s) else None
+    ref_logp = policy_logprobs(run, episodes, plan, s, model=run.ref) if run.ref is not None else None
+    kl_penalty = kl_in_reward(old_logp, ref_logp, s, len(episodes))
+    rewards = [e.rewards["total"] - k for e, k in zip(episodes, kl_penalty)]
+    adv, zero_var = advantages(rewards, s.group_size, s.advantage)
+    stats = update_policy(run, episodes, plan, adv, old_logp, ref_logp, s, optimizer_step)
+    t_train = time.perf_counter() - t1
+    if episodes_file:
+        write_episodes(episodes_file, episodes[:episodes_logged], step)
+    return step_metrics(episodes, rewards, kl_penalty, zero_var, alpha, stats, t_rollout, t_train, run.judge)
+
+
+# ----------------------------------------------------------------------------- sample
+
+@dataclass
+class Sample:
+    """One sampled response: the sampler's own token ids and log-probs, and the decoded text without
+    stop tokens."""
+    prompt_ids: list
+    tokens: list
+    logprobs: list
+    finished: bool
+    text: str
+
+
+def sample(model, tokenizer, problems, n, max_new_tokens, temperature=0.7, top_p=1.0, prompt="paper", seed=None):
+    """render prompts -> generate `n` responses to each problem (one prefill per problem) -> strip stop
+    ids -> decode. Returns len(problems) * n Samples, problem by problem. Rollouts, --filter-solved and
+    eval.py all sample through here."""
+    from data import render_prompt
+    from model import generate
+    prompts = [render_prompt(tokenizer, p, prompt) for p in problems]
+    was_training = model.training
+    model.eval()
+    outs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, samples=n,
+                    stop_token_ids=tokenizer.stop_token_ids, seed=seed, pad_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    stops = set(tokenizer.stop_token_ids)
+    return [Sample(prompts[i // n], c.tokens, c.logprobs, c.finished,
+                   tokenizer.decode([t for t in c.tokens if t not in stops])) for i, c in enumerate(outs)]
 
 
 @dataclass
 class Episode:
-    """One sampled response: the sampler's own token ids and log-probs (the loss uses exactly these,
-    never a re-tokenisation of the decoded text), its text, and everything the reward needs."""
+    """A Sample with its problem, its group (episodes of one group share a prompt), and what the
+    verifier and the reward functions made of it. The loss uses exactly the sampler's token ids, never
+    a re-tokenisation of the text."""
     record: object          # data.Record
     prompt_ids: list
     tokens: list
     logprobs: list
     finished: bool
     text: str
-    group: int              # index of the prompt in the batch; episodes of one group share a prompt
+    group: int
     verdict: object = None  # verifier.Verdict
     rewards: dict = field(default_factory=dict)
 
 
-def rollout(model, tokenizer, records, group_size, max_new_tokens, temperature=0.7, top_p=1.0, prompt="paper", seed=None):
-    """Sample `group_size` responses to each record with rlsp's batched sampler."""
-    from data import render_prompt
-    from model import generate
-    prompts = [render_prompt(tokenizer, r.problem, prompt) for r in records]
-    flat = [p for p in prompts for _ in range(group_size)]
-    outs = generate(model, flat, max_new_tokens, temperature=temperature, top_p=top_p,
-                    stop_token_ids=tokenizer.stop_token_ids, seed=seed, pad_id=tokenizer.pad_token_id)
-    stops = set(tokenizer.stop_token_ids)
-    return [Episode(records[i // group_size], flat[i], c.tokens, c.logprobs, c.finished,
-                    tokenizer.decode([t for t in c.tokens if t not in stops]), i // group_size)
-            for i, c in enumerate(outs)]
+def rollout(model, tokenizer, records, s, seed=None):
+    """`s.group_size` responses to each record, sampled at `s.temperature` from `model` (the rollout
+    weights: a bf16 copy of the policy on GPU, see RolloutWeights)."""
+    samples = sample(model, tokenizer, [r.problem for r in records], s.group_size, s.max_new_tokens,
+                     s.temperature, s.top_p, s.prompt, seed)
+    return [Episode(records[i // s.group_size], x.prompt_ids, x.tokens, x.logprobs, x.finished, x.text,
+                    i // s.group_size) for i, x in enumerate(samples)]
 
+
+class RolloutWeights:
+    """The weights the sampler reads. Where `dtype` is the policy's own (fp32 on CPU, where the packed
+    Linear path is fastest) that is the policy itself; otherwise (bf16 on GPU) a copy in `dtype`,
+    refreshed whenever a policy weight's version counter has moved since the last copy (every optimizer
+    step bumps it), so sampling never streams fp32 master weights: half the memory traffic per token,
+    for one extra copy of 2 bytes per parameter."""
+
+    def __init__(self, model, dtype):
+        self.model, self.copy, self.versions = model, None, None
+        if dtype != next(model.parameters()).dtype:
+            from model import Transformer
+            with torch.device("meta"):
+                self.copy = Transformer(model.config).to(dtype)
+            self.copy = self.copy.to_empty(device=model.inv_freq.device).requires_grad_(False).eval()
+            if model.config.tie_word_embeddings:
+                self.copy.lm_head.weight = self.copy.model.embed_tokens.weight
+            self.copy.inv_freq = model.inv_freq  # RoPE frequencies stay fp32
+
+    def __call__(self):
+        if self.copy is None:
+            return self.model
+        versions = [p._version for p in self.model.parameters()]
+        if versions != self.versions:
+            with torch.no_grad():
+                for c, p in zip(self.copy.parameters(), self.model.parameters()):
+                    c.copy_(p)
+            self.versions = versions
+        return self.copy
+
+
+# ----------------------------------------------------------------------------- grade
 
 def grade_episodes(episodes, workers=None, timeout=1.0):
     """Verdicts of the outcome verifier: the last \\boxed{} against the gold answer."""
@@ -91,6 +249,15 @@ def repetition_fraction(text, n=10):
     words = text.split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+def overlong_penalty(n_tokens, max_new_tokens, buffer, coef=1.0):
+    """DAPO's soft overlong punishment (Yu et al., 2025, Eq. 13): 0 up to max_new_tokens - buffer
+    tokens, then falling linearly to -coef at the cap (a truncated response gets -coef). Off when
+    buffer = 0."""
+    if buffer <= 0:
+        return 0.0
+    return -coef * min(1.0, max(0, n_tokens - (max_new_tokens - buffer)) / buffer)
 
 
 JUDGE_SYSTEM = """You grade the THINKING EFFORT in a solution to a math problem, not whether it is correct.
@@ -169,16 +336,16 @@ class Judge:
             return list(pool.map(self.score, problems, responses))
 
 
-def combine(outcome, exploration, form="paper", alpha=0.8, judge=None, clip=10.0):
+def combine(outcome, length_term, form="paper", alpha=0.8, judge=None, clip=10.0):
     """The total reward.
-    paper (Eq. 1):   R = alpha * outcome + (1 - alpha) * R_ex, R_ex the length reward or the judge score.
-    code (released): r = outcome + length reward (full weight); with a judge r = 0.8 r + 0.2 judge.
+    paper (Eq. 1):   R = alpha * outcome + (1 - alpha) * R_ex; R_ex is the judge's score when a judge is
+                     used, else the length term.
+    code (released): r = outcome + length term (full weight); with a judge r = 0.8 r + 0.2 judge.
     Both clipped to [-clip, clip] (OpenRLHF's reward clip range)."""
     if form == "paper":
-        ex = judge if judge is not None else exploration
-        r = alpha * outcome + (1 - alpha) * ex
+        r = alpha * outcome + (1 - alpha) * (judge if judge is not None else length_term)
     elif form == "code":
-        r = outcome + exploration
+        r = outcome + length_term
         if judge is not None:
             r = 0.8 * r + 0.2 * judge
     else:
@@ -192,64 +359,38 @@ def difficulty_scale(group_correct):
     return 1.0 - sum(group_correct) / len(group_correct)
 
 
-def score_episodes(episodes, tokenizer, args, judge=None, alpha=None):
-    """Fill each episode's reward components and total, per the flags in `args` (`alpha`, when given,
-    replaces `args.alpha`: the decayed value of the current step)."""
-    alpha = args.alpha if alpha is None else alpha
+def decayed_alpha(s, step):
+    """alpha at `step`: the exploration weight (1 - alpha) shrinks by `alpha_decay` each step."""
+    return 1 - (1 - s.alpha) * s.alpha_decay ** step
+
+
+def score_episodes(episodes, tokenizer, s, alpha, judge=None):
+    """Fill each episode's reward parts and `total` (before any KL penalty):
+    total = combine(outcome, length term, judge) - repetition_coef * repetition + overlong penalty.
+    The length term -C/L is on for --exploration length / difficulty (scaled by the group's failure
+    rate), and for the judge in the code form (the released code kept it beside the judge)."""
     groups = {}
     for e in episodes:
         groups.setdefault(e.group, []).append(e.verdict.correct)
     judged = judge.scores([e.record.problem for e in episodes], [e.text for e in episodes]) if judge else None
+    uses_length = s.exploration in ("length", "difficulty") or (s.exploration == "judge" and s.reward_form == "code")
     for i, e in enumerate(episodes):
-        r = {"outcome": outcome_reward(e.verdict, args.no_answer_reward)}
-        r["length"] = length_before_box(e.text, len(e.tokens), tokenizer)
-        ex = length_reward(r["length"], args.length_c) if args.exploration in ("length", "difficulty") else 0.0
-        if args.exploration == "difficulty":
-            ex *= difficulty_scale(groups[e.group])
-        r["exploration"] = ex
+        r = {"outcome": outcome_reward(e.verdict, s.no_answer_reward),
+             "length": length_before_box(e.text, len(e.tokens), tokenizer)}
+        length_term = length_reward(r["length"], s.length_c) if uses_length else 0.0
+        if s.exploration == "difficulty":
+            length_term *= difficulty_scale(groups[e.group])
+        r["exploration"] = length_term
+        if judged:
+            r["judge"] = judged[i]
         r["repetition"] = repetition_fraction(e.text)
-        judge_score = judged[i] if judged else None
-        if judge_score is not None:
-            r["judge"] = judge_score
-        total = combine(r["outcome"], ex, args.reward_form, alpha, judge_score, args.reward_clip)
-        r["total"] = total - args.repetition_coef * r["repetition"]
+        r["overlong"] = overlong_penalty(len(e.tokens), s.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
+        r["total"] = (combine(r["outcome"], length_term, s.reward_form, alpha, r.get("judge"), s.reward_clip)
+                      - s.repetition_coef * r["repetition"] + r["overlong"])
         e.rewards = r
 
 
-# ----------------------------------------------------------------------------- advantages
-
-def advantages(rewards, group_size, estimator="grpo", eps=1e-6):
-    """Per-episode advantages from rewards laid out as [group0 x G, group1 x G, ...].
-    grpo:      (r - mean_group) / (std_group + eps)                 (DeepSeekMath, Shao et al. 2024)
-    drgrpo:    r - mean_group, no std division                     (Dr. GRPO, Liu et al. 2025)
-    rloo:      r - mean of the *other* G-1 rewards of the group     (Ahmadian et al. 2024)
-    reinforce: r - mean over the whole batch (works with G = 1, the paper's setting)
-    Returns (advantages, number of groups whose rewards are all equal, i.e. with no signal)."""
-    r = torch.as_tensor(rewards, dtype=torch.float64)
-    if estimator == "reinforce":
-        g = r.view(1, -1)
-        adv = g - g.mean()
-    else:
-        if len(r) % group_size:
-            raise ValueError(f"{len(r)} rewards do not split into groups of {group_size}")
-        g = r.view(-1, group_size)
-        if estimator == "grpo":
-            std = g.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(g[:, :1])
-            adv = (g - g.mean(dim=1, keepdim=True)) / (std + eps)
-        elif estimator == "drgrpo":
-            adv = g - g.mean(dim=1, keepdim=True)
-        elif estimator == "rloo":
-            if group_size < 2:
-                raise ValueError("rloo needs --group-size of at least 2")
-            adv = g - (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
-        else:
-            raise ValueError(f"unknown advantage estimator {estimator!r}")
-    groups = r.view(-1, group_size)
-    zero_var = int((groups.max(dim=1).values == groups.min(dim=1).values).sum())
-    return adv.reshape(-1).float(), zero_var
-
-
-# ----------------------------------------------------------------------------- losses
+# ----------------------------------------------------------------------------- KL penalty
 
 def kl_terms(logp, ref_logp, estimator="k3"):
     """Per-token KL(pi || pi_ref) estimates at the sampled tokens (Schulman, "Approximating KL").
@@ -263,43 +404,343 @@ def kl_terms(logp, ref_logp, estimator="k3"):
     raise ValueError(f"unknown KL estimator {estimator!r}: k1 | k3")
 
 
-def aggregate(x, mask, mode="token-mean", norm=None):
-    """Reduce per-token values (B x T) under `mask`:
-    token-mean:           sum over all tokens / number of tokens (DAPO)
-    seq-mean-token-mean:  mean over sequences of each sequence's token mean (GRPO, OpenRLHF)
-    constant:             sum over all tokens / (B * norm), norm a fixed length (Dr. GRPO)."""
-    m = mask.to(x.dtype)
-    if mode == "token-mean":
-        return (x * m).sum() / m.sum().clamp(min=1)
-    if mode == "seq-mean-token-mean":
-        return ((x * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-    if mode == "constant":
-        return (x * m).sum() / (x.shape[0] * (norm or x.shape[1]))
-    raise ValueError(f"unknown loss aggregation {mode!r}")
+def kl_in_reward(old_logp, ref_logp, s, n):
+    """Per-episode penalty beta * sum_t k1(t) subtracted from the reward (the paper, via OpenRLHF), from
+    the policy's log-probs before this step's update; n zeros when the KL is in the loss or off."""
+    if ref_logp is None or s.kl_placement != "reward":
+        return [0.0] * n
+    return [s.kl_coef * kl_terms(o, r, "k1").sum().item() for o, r in zip(old_logp, ref_logp)]
 
 
-def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, agg="token-mean", norm=None):
-    """PPO-clip with separate low / high clip ranges (DAPO's clip-higher):
-    L = -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A), rho = exp(logp - old_logp),
-    with A broadcast over each sequence's tokens. Returns (loss, fraction of tokens clipped)."""
-    ratio = (logp - old_logp).exp()
-    a = adv[:, None]
-    unclipped, clipped = ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a
-    loss = aggregate(-torch.minimum(unclipped, clipped), mask, agg, norm)
-    clip_frac = aggregate((clipped < unclipped).float(), mask, "token-mean")
-    return loss, clip_frac
+# ----------------------------------------------------------------------------- advantages
+
+def advantages(rewards, group_size, estimator="grpo", eps=1e-6):
+    """Per-episode advantages from rewards laid out as [group0 x G, group1 x G, ...].
+    grpo:      (r - mean_group) / (std_group + eps)                 (DeepSeekMath, Shao et al. 2024)
+    drgrpo:    r - mean_group, no std division                     (Dr. GRPO, Liu et al. 2025)
+    rloo:      r - mean of the *other* G-1 rewards of the group     (Ahmadian et al. 2024)
+    reinforce: r - mean over the whole batch (works with G = 1, the paper's setting)
+    Returns (advantages, number of groups whose rewards are all equal, i.e. with no signal)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    if len(r) % group_size:
+        raise ValueError(f"{len(r)} rewards do not split into groups of {group_size}")
+    g = r.view(-1, group_size)
+    if estimator == "reinforce":
+        adv = r - r.mean()
+    elif group_size < 2:
+        raise ValueError(f"--advantage {estimator} needs --group-size of at least 2")
+    elif estimator == "grpo":
+        adv = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)
+    elif estimator == "drgrpo":
+        adv = g - g.mean(dim=1, keepdim=True)
+    elif estimator == "rloo":
+        adv = g - (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r}")
+    equal = g.max(dim=1).values == g.min(dim=1).values
+    if estimator != "reinforce":  # exactly 0, not rounding noise: such groups are skipped by the update
+        adv = adv.masked_fill(equal[:, None], 0.0)
+    return adv.reshape(-1).float(), int(equal.sum())
+
+
+# ----------------------------------------------------------------------------- policy update
+
+def needs_old_pass(s):
+    """Old log-probs need their own no-grad pass when the policy moves before some episode's loss is
+    computed (several updates per rollout batch), or when the KL goes into the reward (it must be known
+    before the advantages). With one update the loss pass's own log-probs, detached, are the old ones."""
+    return s.ppo_epochs * s.minibatches > 1 or (s.kl_coef > 0 and s.kl_placement == "reward")
+
+
+def micro_batches(lengths, budget):
+    """Indices cut into micro-batches of similar length (sorted longest first), each with rows x its
+    longest length <= `budget` tokens (a longer sequence goes alone): right-padding wastes little, and
+    memory is bounded by the budget, not by the minibatch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def update_plan(episodes, s):
+    """The step's minibatches (consecutive episodes, so whole groups when they divide evenly), each a
+    list of micro-batches of episode indices. Old, reference and loss passes all use this one plan, so a
+    token is computed with the same batch shapes in each (bf16 matmuls round differently at other
+    shapes). Episodes that cannot move the gradient go in micro-batches of their own, which the update
+    skips: those left out by the overlong filter, and, with no KL term, groups whose rewards are all
+    equal (a group baseline gives them advantage 0)."""
+    n = len(episodes)
+    size = math.ceil(n / s.minibatches)
+    groups = {}
+    for e in episodes:
+        groups.setdefault(e.group, set()).add(e.rewards["total"])
+    inert = [(s.overlong_filter and not e.finished) or
+             (s.kl_coef == 0 and s.advantage != "reinforce" and len(groups[e.group]) == 1) for e in episodes]
+    plan = []
+    for a in range(0, n, size):
+        mb = range(a, min(n, a + size))
+        parts = []
+        for subset in ([i for i in mb if not inert[i]], [i for i in mb if inert[i]]):
+            lengths = [len(episodes[i].prompt_ids) + len(episodes[i].tokens) for i in subset]
+            parts += [[subset[j] for j in part] for part in micro_batches(lengths, s.micro_batch_tokens)]
+        plan.append(parts)
+    return plan
 
 
 def episode_batch(episodes, pad_id, device):
-    """Right-padded prompt + response ids, the targets, a mask over the response tokens (the sampler's
-    own tokens, nothing re-tokenised), and the sampler's log-probs laid out on the same positions."""
+    """Right-padded prompt + response ids, their targets, and a mask over the response positions (the
+    sampler's own tokens). Padding only follows real tokens, so causal attention needs no mask."""
     T = max(len(e.prompt_ids) + len(e.tokens) for e in episodes)
     ids = torch.full((len(episodes), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(episodes), T - 1, dtype=torch.bool)
-    old = torch.zeros(len(episodes), T - 1)
     for i, e in enumerate(episodes):
         p, n = len(e.prompt_ids), len(e.tokens)
         ids[i, :p + n] = torch.tensor(e.prompt_ids + e.tokens)
         mask[i, p - 1:p - 1 + n] = True
-        old[i, p - 1:p - 1 + n] = torch.tensor(e.logprobs)
-    return ids[:, :-1].to(device), ids[:, 1:].to(device), mask.to(device), old.to(device)
+    return ids[:, :-1].to(device), ids[:, 1:].to(device), mask.to(device)
+
+
+def response_logprobs(model, episodes, s, autocast, device, pad_id):
+    """log pi(token | prefix) / temperature-scaled, of every response token of `episodes`, flat:
+    episode 0's tokens, then episode 1's, ... (the order of the True entries of the mask)."""
+    x, y, mask = episode_batch(episodes, pad_id, device)
+    with autocast:
+        logp = model(x, targets=y, temperature=s.temperature)
+    return logp[mask]
+
+
+def policy_logprobs(run, episodes, plan, s, model=None):
+    """Per-episode log-probs under `model` (default: the policy) without gradients, through the same
+    forward, precision and micro-batches as the loss, so that before any update ratio = 1 and
+    KL(policy || reference) = 0 when the two are equal, exactly."""
+    model = model or run.model
+    out = [None] * len(episodes)
+    with torch.no_grad():
+        for part in (p for parts in plan for p in parts):
+            flat = response_logprobs(model, [episodes[i] for i in part], s, run.autocast, run.device,
+                                     run.tokenizer.pad_token_id)
+            for i, lp in zip(part, flat.split([len(episodes[i].tokens) for i in part])):
+                out[i] = lp
+    return out
+
+
+def token_weights(lengths, keep, mode="token-mean", norm=None):
+    """The weight w_i of each token of episode i in its minibatch's loss sum_i w_i sum_t x_it, so that
+    the loss is the aggregation below however the minibatch is split into micro-batches:
+    token-mean:           1 / (tokens of the kept episodes)                    (DAPO)
+    seq-mean-token-mean:  1 / (n_i * kept episodes): each sequence's mean, then their mean (GRPO)
+    constant:             1 / (kept episodes * norm), norm a fixed length      (Dr. GRPO)
+    Episodes not kept (DAPO's overlong filter) weigh 0."""
+    kept = [n for n, k in zip(lengths, keep) if k]
+    if not kept:
+        return [0.0] * len(lengths)
+    if mode == "token-mean":
+        w = [1.0 / sum(kept)] * len(lengths)
+    elif mode == "seq-mean-token-mean":
+        w = [1.0 / (n * len(kept)) for n in lengths]
+    elif mode == "constant":
+        w = [1.0 / (len(kept) * norm)] * len(lengths)
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return [wi if k else 0.0 for wi, k in zip(w, keep)]
+
+
+def policy_loss(logp, old_logp, adv, weight, clip_low=0.2, clip_high=0.2):
+    """PPO-clip with separate low / high clip ranges (DAPO's clip-higher), over flat tokens:
+    L = sum_t weight_t * -min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t),
+    rho = exp(logp - old_logp), A_t the advantage of the token's episode. Returns (loss, clipped mask)."""
+    ratio = (logp - old_logp).exp()
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    return (-torch.minimum(unclipped, clipped) * weight).sum(), clipped < unclipped
+
+
+def update_policy(run, episodes, plan, adv, old_logp, ref_logp, s, optimizer_step):
+    """`ppo_epochs` passes x one optimizer step per minibatch of the plan. Each minibatch's gradient is
+    accumulated over its micro-batches, every token weighted by its minibatch's normaliser
+    (token_weights), so the gradient equals one unsplit pass over the minibatch. A micro-batch whose
+    episodes all weigh 0, or all have advantage 0 with no KL in the loss, adds nothing and is skipped.
+    Returns statistics averaged over what ran."""
+    lengths = [len(e.tokens) for e in episodes]
+    keep = [e.finished or not s.overlong_filter for e in episodes]
+    kl_loss = ref_logp is not None and s.kl_placement == "loss"
+    adv = adv.tolist()
+    sampler = [torch.tensor(e.logprobs, device=run.device) for e in episodes]
+    st = dict(loss=0.0, grad_norm=0.0, updates=0, clipped=0, tokens=0, kl=0.0, gap=0.0, gap_tokens=0, computed=0)
+    for epoch in range(s.ppo_epochs):
+        for parts in plan:
+            mb = [i for part in parts for i in part]
+            w = dict(zip(mb, token_weights([lengths[i] for i in mb], [keep[i] for i in mb], s.loss_agg,
+                                           s.max_new_tokens)))
+            work = [p for p in parts if kl_loss or any(w[i] and adv[i] for i in p)] or parts[:1]  # >= 1 backward
+            loss_sum = 0.0
+            for k, idx in enumerate(work):
+                def per_token(values):
+                    return torch.cat([torch.full((lengths[i],), float(values[i]), device=run.device) for i in idx])
+
+                last = k == len(work) - 1  # DDP all-reduces the accumulated gradient on the last backward only
+                with (run.ddp.no_sync() if hasattr(run.ddp, "no_sync") and not last else nullcontext()):
+                    logp = response_logprobs(run.ddp, [episodes[i] for i in idx], s, run.autocast, run.device,
+                                             run.tokenizer.pad_token_id)
+                    old = torch.cat([old_logp[i] for i in idx]) if old_logp else logp.detach()
+                    weight = per_token(w)
+                    loss, clipped = policy_loss(logp, old, per_token(adv), weight, s.clip_low, s.clip_high)
+                    if kl_loss:
+                        kl = kl_terms(logp, torch.cat([ref_logp[i] for i in idx]), s.kl_estimator)
+                        loss = loss + s.kl_coef * (kl * weight).sum()
+                        st["kl"] += kl.detach().sum().item()
+                    loss.backward()
+                loss_sum += loss.item()
+                st["clipped"] += int(clipped.sum())
+                st["tokens"] += logp.numel()
+                st["computed"] += len(idx)
+                if old_logp is None:  # one update: these are the pre-update log-probs
+                    st["gap"] += (logp.detach() - torch.cat([sampler[i] for i in idx])).abs().sum().item()
+                    st["gap_tokens"] += logp.numel()
+            st["grad_norm"] += optimizer_step(loss_sum)
+            st["loss"] += loss_sum
+            st["updates"] += 1
+    if old_logp is not None:
+        st["gap"] = sum((o - p).abs().sum().item() for o, p in zip(old_logp, sampler))
+        st["gap_tokens"] = sum(lengths)
+    out = {"loss": st["loss"] / st["updates"], "grad_norm": st["grad_norm"] / st["updates"], "updates": st["updates"],
+           "clip_frac": st["clipped"] / st["tokens"], "logprob_gap": st["gap"] / max(1, st["gap_tokens"]),
+           "computed_fraction": st["computed"] / (len(episodes) * s.ppo_epochs), "trained_tokens": st["tokens"]}
+    if ref_logp is not None:  # KL(policy || reference) per token: during the passes (loss) or before them (reward)
+        out["kl"] = st["kl"] / st["tokens"] if kl_loss else \
+            sum(kl_terms(o, r, "k1").sum().item() for o, r in zip(old_logp, ref_logp)) / sum(lengths)
+    return out
+
+
+# ----------------------------------------------------------------------------- step metrics
+
+def step_metrics(episodes, rewards, kl_penalty, zero_var, alpha, stats, t_rollout, t_train, judge=None):
+    """The row train.py logs: rewards (the trained one and its parts), what the responses look like,
+    and the update's statistics."""
+    from verifier import BEHAVIOURS
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    lengths = [len(e.tokens) for e in episodes]
+    lp = [x for e in episodes for x in e.logprobs]
+    row = {"reward": mean(rewards), "reward_kl": -mean(kl_penalty),
+           "outcome": mean([e.rewards["outcome"] for e in episodes]),
+           "exploration": mean([e.rewards["exploration"] for e in episodes]),
+           "overlong": mean([e.rewards["overlong"] for e in episodes]),
+           "accuracy": mean([e.verdict.correct for e in episodes]),
+           "no_answer_rate": mean([e.verdict.status == "no_answer" for e in episodes]),
+           "mean_length": mean(lengths), "max_length": max(lengths),
+           "truncation_rate": mean([not e.finished for e in episodes]),
+           "repetition": mean([e.rewards["repetition"] for e in episodes]),
+           "zero_variance_groups": zero_var, "alpha": alpha,
+           "entropy_est": -sum(lp) / len(lp),  # E[-log p(sampled)] = entropy at the sampling temperature
+           "rollout_tokens_per_s": sum(lengths) / t_rollout, "train_tokens_per_s": stats["trained_tokens"] / t_train,
+           "train_seconds": t_train,
+           "rollout_seconds": t_rollout, "tokens": sum(lengths), **stats}
+    if judge is not None:
+        row["judge"] = mean([e.rewards["judge"] for e in episodes])
+        row["judge_failures"] = judge.failures
+    for b, rx in BEHAVIOURS.items():
+        row[f"{b}_proxy"] = mean([bool(rx.search(e.text)) for e in episodes])
+    return row
+
+
+def write_episodes(path, episodes, step):
+    with open(path, "a") as f:
+        for e in episodes:
+            f.write(json.dumps({"step": step + 1, "problem": e.record.problem, "answer": e.record.answer,
+                                "response": e.text, "rewards": e.rewards, "status": e.verdict.status}) + "\n")
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup(run, s, records, model_path, out_dir, resume=False, filter_solved=False, judge=None,
+          rollout_dtype=torch.float32, compute_dtype=None):
+    """Attach what the step needs to `run`: the problems (minus those the start model solves greedily
+    with --filter-solved; their ids are kept in OUT/problems.json and reused on --resume, so a resumed
+    run trains on the same problems), the judge, the frozen reference model (only when a KL term is
+    used; see reference_model), and the rollout weights."""
+    path = os.path.join(out_dir, "problems.json")
+    if filter_solved:
+        if resume:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--resume --filter-solved: {path} is missing (the kept problem ids)")
+            with open(path) as f:
+                ids = set(json.load(f))
+            records = [r for r in records if r.id in ids]
+        else:
+            records = solved_filter(run, records, s)
+            if run.rank == 0:
+                os.makedirs(out_dir, exist_ok=True)
+                with open(path + ".tmp", "w") as f:
+                    json.dump([r.id for r in records], f)
+                os.replace(path + ".tmp", path)
+    if not records:
+        raise ValueError("no training problems left")
+    run.records, run.judge = records, judge
+    run.ref = reference_model(model_path, run.device, compute_dtype) if s.kl_coef > 0 else None
+    run.rollout = RolloutWeights(run.model, rollout_dtype)
+    return records
+
+
+def reference_model(path, device, compute_dtype=None):
+    """The frozen initial model for the KL term, computing exactly what the policy computed at step 0.
+    Loaded in fp32 like the policy's master weights; under autocast (`compute_dtype` bf16 on GPU) the
+    Linear weights are stored in bf16, which is what autocast multiplies the fp32 policy's weights in
+    anyway, while embeddings and norms stay fp32 as in the policy: identical numbers at about 2 bytes
+    per parameter instead of 4."""
+    from model import Linear, Transformer
+    ref = Transformer.from_pretrained(path, device=device, dtype=torch.float32).requires_grad_(False)
+    if compute_dtype is not None:
+        embed = ref.model.embed_tokens.weight
+        for m in ref.modules():
+            if isinstance(m, Linear) and m.weight is not embed:  # a tied head stays fp32 with its embedding
+                m.to(compute_dtype)
+    return ref
+
+
+def solved_filter(run, records, s, batch=64):
+    """The records the model does not solve greedily (the paper's RL set: MATH train minus what the SFT
+    model already solves). Ranks split the work and share the kept ids."""
+    import torch.distributed as dist
+    keep = []
+    for i in range(run.rank * batch, len(records), batch * run.world):
+        chunk = records[i:i + batch]
+        eps = [Episode(r, x.prompt_ids, x.tokens, x.logprobs, x.finished, x.text, j) for j, (r, x) in enumerate(
+            zip(chunk, sample(run.model, run.tokenizer, [r.problem for r in chunk], 1, s.max_new_tokens,
+                              temperature=0, prompt=s.prompt)))]
+        grade_episodes(eps)
+        keep += [e.record.id for e in eps if not e.verdict.correct]
+    if dist.is_initialized():
+        parts = [None] * run.world
+        dist.all_gather_object(parts, keep)
+        keep = [k for p in parts for k in p]
+    keep = set(keep)
+    if run.rank == 0:
+        print(f"--filter-solved: kept {len(keep)} of {len(records)} problems the model does not solve greedily")
+    return [r for r in records if r.id in keep]
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+def memory_estimate(cfg, s, prompts_per_step, grad_checkpointing, gpu=True, prompt_tokens=512, chunk_tokens=2048):
+    """Bytes per GPU of the RL stage, by part, with DDP (every rank holds the whole model):
+    always held: fp32 weights and AdamW moments; on GPU the bf16 rollout copy; with a KL term the
+    reference (bf16 Linear weights + fp32 embeddings on GPU, see reference_model; fp32 on CPU);
+    while sampling: the KV cache of prompts x group rows x (prompt + max_new_tokens) in the rollout
+    dtype, and the sampler's fp32 logits;
+    while training: fp32 gradients, the activations of one micro-batch (bf16 autocast on GPU, fp32 on
+    CPU), one log-prob chunk.
+    Peak = held + the larger of the two phases."""
+    from model import activation_bytes, kv_cache_bytes, logits_chunk_bytes, parameter_count
+    n, embed = parameter_count(cfg), cfg.vocab_size * cfg.hidden_size
+    rows, length = prompts_per_step * s.group_size, prompt_tokens + s.max_new_tokens
+    micro = max(s.micro_batch_tokens, length)
+    elem = 2 if gpu else 4
+    held = {"weights (fp32)": 4 * n, "AdamW moments (fp32)": 8 * n, "rollout weights (bf16)": 2 * n if gpu else 0,
+            "reference model": (2 * n + 2 * embed if gpu else 4 * n) if s.kl_coef > 0 else 0}
+    sampling = {"KV cache": kv_cache_bytes(cfg, rows, length, elem), "sampler logits (fp32)": rows * cfg.vocab_size * 4 * 3}
+    training = {"gradients (fp32)": 4 * n, "activations": activation_bytes(cfg, micro, grad_checkpointing, elem),
+                "log-prob chunk": logits_chunk_bytes(cfg, chunk_tokens)}
+    return n, held, sampling, training

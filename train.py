@@ -1,18 +1,22 @@
-"""Training: the SFT stage of RLSP, on one process or many (torchrun).
+"""Training: the SFT and RL stages of RLSP, on one process or many (torchrun); with no --model, the demo.
 
+    python train.py                                          # the offline CPU demo: SFT then RLSP from scratch
     python train.py --stage sft --model DIR --data math_train --out runs/sft
+    python train.py --stage rl --model runs/sft/final --data math_train --out runs/rl
     torchrun --nproc_per_node 8 train.py --stage sft --model DIR --data math_train --out runs/sft
-    python train.py --stage sft --model DIR --dry-run        # memory per GPU, before spending any compute
+    python train.py --stage rl --model DIR --dry-run         # memory per GPU, before spending any compute
     python train.py --plot runs/sft                          # PNG curves of metrics.jsonl
 
-Each step: a global batch of packed rows (each example attends only to itself), cross-entropy on
+SFT step: a global batch of packed rows (each example attends only to itself), cross-entropy on
 assistant tokens only, normalised by the global number of such tokens (so any split over GPUs and
-micro-batches gives the same gradient), AdamW(0.9, 0.95), cosine schedule with warm-up and a floor at
-10% of peak, clipping at 1.0; bf16 autocast on GPU with fp32 master weights. Checkpoints are HF folders
-plus trainer state, written to a temporary folder and renamed; `--resume` continues exactly.
+micro-batches gives the same gradient). RL step: rlsp.rl_step (sample, grade, rewards, KL, advantages,
+PPO updates). Both: AdamW(0.9, 0.95), cosine schedule with warm-up and a floor at 10% of peak, clipping
+at 1.0; bf16 autocast on GPU with fp32 master weights. Checkpoints are HF folders plus trainer state,
+written to a temporary folder and renamed; `--resume` continues exactly.
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -25,13 +29,17 @@ import time
 import torch
 import torch.distributed as dist
 
+import rlsp
+
 DEFAULTS = dict(stage="sft", data="math_train", prompt="paper", seq_len=2048, batch_size=32, micro_batch_size=4,
                 lr=1e-5, min_lr_ratio=0.1, warmup_steps=20, weight_decay=0.0, grad_clip=1.0, max_steps=1000,
                 epochs=None, save_every=200, keep=2, heldout=64, eval_every=100, seed=0)
 # Arguments that define a run: resuming with different values would silently train something else.
-RUN_IDENTITY = ("stage", "model", "data", "prompt", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps",
-                "weight_decay", "max_steps", "heldout", "seed", "group_size", "prompts_per_step", "exploration",
-                "reward_form", "alpha", "advantage", "kl_coef")
+# (Memory knobs such as --micro-batch-size / --micro-batch-tokens are not: they leave the gradient unchanged.)
+RUN_IDENTITY = ("stage", "model", "data", "prompt", "limit", "seq_len", "batch_size", "lr", "min_lr_ratio",
+                "warmup_steps", "weight_decay", "grad_clip", "max_steps", "heldout", "seed", "prompts_per_step",
+                "filter_solved", "judge_model", "rollout_dtype",
+                *(f.name for f in dataclasses.fields(rlsp.Settings) if f.name != "micro_batch_tokens"))
 
 
 def parse_args(argv=None):
@@ -78,8 +86,17 @@ def parse_args(argv=None):
     g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip below 1 (paper: 0.2)")
     g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher; paper: 0.2)")
     g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "constant"])
+    g.add_argument("--overlong-filter", action="store_true",
+                   help="leave responses cut off at --max-new-tokens out of the loss (DAPO)")
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="soft overlong penalty over the last N tokens before the cap, 0 = off (DAPO: 4096 of 20480)")
+    g.add_argument("--overlong-penalty", type=float, default=1.0, help="the soft penalty at the cap")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     g.add_argument("--minibatches", type=int, default=1, help="optimizer updates per pass")
+    g.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="tokens per forward/backward in the RL update (memory only; default 16384 on GPU, 4096 on CPU)")
+    g.add_argument("--rollout-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights the sampler reads: auto = a bf16 copy on GPU, the fp32 policy on CPU")
     g.add_argument("--kl-coef", type=float, default=0.0, help="beta; > 0 loads the frozen initial model (paper: 0.05)")
     g.add_argument("--kl-estimator", default="k3", choices=["k1", "k3"], help="for --kl-placement loss")
     g.add_argument("--kl-placement", default="loss", choices=["loss", "reward"], help="paper: reward (k1)")
@@ -98,7 +115,6 @@ def parse_args(argv=None):
     g.add_argument("--eval-limit", type=int, default=100)
     g.add_argument("--eval-max-new-tokens", type=int, default=1024)
     g.add_argument("--dry-run", action="store_true", help="print the memory the run needs per GPU and exit")
-    g.add_argument("--gpus", type=int, default=None, help="--dry-run: GPUs to plan for (default: world size)")
     g.add_argument("--plot", metavar="RUN_DIR", help="draw PNG curves of RUN_DIR/metrics.jsonl and exit")
     g = p.add_argument_group("the demo (python train.py with no --model)")
     g.add_argument("--demo-problems", type=int, default=20000, help="synthetic problems: half SFT, half RL")
@@ -111,7 +127,17 @@ def parse_args(argv=None):
                    help="demonstration styles and weights: direct (box only), steps, checked (steps + verify)")
     g.add_argument("--demo-length-c", type=float, default=16.0,
                    help="C for 64-token responses: the paper's 1000 for 4096 tokens, scaled (1000 * 64 / 4096)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.micro_batch_tokens is None:
+        on_gpu = args.dry_run or (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        args.micro_batch_tokens = 16384 if on_gpu else 4096  # --dry-run plans for a GPU
+    if args.stage == "rl":
+        errors = rlsp.Settings.from_args(args).errors(args.prompts_per_step)
+        if args.prompts_per_step < 1:
+            errors.insert(0, f"--prompts-per-step must be >= 1 (got {args.prompts_per_step})")
+        if errors:
+            p.error(errors[0])
+    return args
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -255,38 +281,47 @@ def check_run_folder(args):
 
 # ----------------------------------------------------------------------------- memory estimate
 
-def memory_estimate(cfg, args, gpus):
-    """Bytes per GPU: fp32 weights, gradients and AdamW moments (sharded when FSDP-style sharding is
-    used; here DDP replicates them), bf16 activations of one micro-batch, and one chunk of logits."""
-    h, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    q = cfg.num_attention_heads * cfg.head_dim
-    n_params = V * h * (1 if cfg.tie_word_embeddings else 2) + L * (h * (q + 2 * kv) + q * h + 3 * h * I + 2 * h) + h
+def memory_estimate(cfg, args):
+    """SFT bytes per GPU: fp32 weights, gradients and AdamW moments (DDP replicates them on every GPU),
+    bf16 activations of one micro-batch, the packed rows' attention mask and one log-prob chunk."""
+    from model import activation_bytes, logits_chunk_bytes, parameter_count
+    n = parameter_count(cfg)
     tokens = args.micro_batch_size * args.seq_len
-    # saved for backward per token and layer, bf16: norm inputs (fp32), q/k/v, attention output, MLP in/gate/up/act
-    per_layer = 2 * (3 * h + q + 2 * kv + q + 4 * I) + 4 * 2 * h
-    acts = tokens * (L * 2 * h * 2 + per_layer) if args.grad_checkpointing else tokens * L * per_layer
-    mask = args.micro_batch_size * args.seq_len ** 2
-    logits = args.micro_batch_size * 1024 * V * 4 * 3
-    parts = {"weights (fp32)": 4 * n_params, "gradients (fp32)": 4 * n_params, "AdamW moments (fp32)": 8 * n_params,
-             "activations (bf16)": acts, "attention mask": mask, "logits chunk": logits}
-    return n_params, parts
+    return n, {"weights (fp32)": 4 * n, "gradients (fp32)": 4 * n, "AdamW moments (fp32)": 8 * n,
+               "activations (bf16)": activation_bytes(cfg, tokens, args.grad_checkpointing),
+               "attention mask": args.micro_batch_size * args.seq_len ** 2, "log-prob chunk": logits_chunk_bytes(cfg)}
 
 
 def dry_run(args, world):
+    """Print the memory the run needs per GPU, part by part, and which cards it fits; returns the peak."""
     from model import Config
     cfg = Config.from_pretrained(args.model)
-    gpus = args.gpus or world
-    n, parts = memory_estimate(cfg, args, gpus)
-    total = sum(parts.values())
-    print(f"{args.model}: {n / 1e9:.2f}B parameters; per GPU (DDP replicates model and optimizer), "
-          f"micro-batch {args.micro_batch_size} x {args.seq_len}{', gradient checkpointing' if args.grad_checkpointing else ''}:")
-    for k, v in parts.items():
-        print(f"  {k:24s} {v / 2**30:8.2f} GiB")
-    print(f"  {'total':24s} {total / 2**30:8.2f} GiB (plus allocator slack and the CUDA context, ~1-3 GiB)")
-    for gib in (24, 40, 80, 141):
-        verdict = "fits" if total * 1.1 + 2 * 2**30 <= gib * 2**30 else "does not fit"
-        print(f"  a {gib} GB card: {verdict}")
+    gib = 2 ** 30
+    ckpt = ", gradient checkpointing" if args.grad_checkpointing else ""
+    if args.stage == "sft":
+        n, parts = memory_estimate(cfg, args)
+        print(f"{args.model}: {n / 1e9:.2f}B parameters; SFT per GPU (DDP replicates model and optimizer), "
+              f"micro-batch {args.micro_batch_size} x {args.seq_len}{ckpt}:")
+        phases = [("", parts)]
+    else:
+        n, held, sampling, training = rlsp.memory_estimate(cfg, rlsp.Settings.from_args(args), args.prompts_per_step,
+                                                           args.grad_checkpointing)
+        print(f"{args.model}: {n / 1e9:.2f}B parameters; RL per GPU (DDP replicates model and optimizer), "
+              f"{args.prompts_per_step} x {args.group_size} rollouts of 512 + {args.max_new_tokens} tokens, "
+              f"micro-batches of {args.micro_batch_tokens} tokens{ckpt}:")
+        phases = [("held", held), ("while sampling", sampling), ("while training", training)]
+    for name, parts in phases:
+        if name:
+            print(f"  {name}: {sum(parts.values()) / gib:.2f} GiB")
+        for k, v in parts.items():
+            if v:
+                print(f"    {k:26s} {v / gib:8.2f} GiB")
+    total = sum(phases[0][1].values()) + max(sum(p.values()) for _, p in phases[1:]) if len(phases) > 1 \
+        else sum(phases[0][1].values())
+    print(f"  {'peak':28s} {total / gib:8.2f} GiB (plus allocator slack and the CUDA context, ~1-3 GiB)")
+    for card in (24, 40, 80, 141):
+        verdict = "fits" if total * 1.1 + 2 * gib <= card * gib else "does not fit"
+        print(f"  a {card} GB card: {verdict}")
     return total
 
 
@@ -337,7 +372,7 @@ def sft_setup(run, args):
 
 
 def sft_step(run, args, step):
-    """One optimizer step of SFT; returns the metrics row (before the optimizer update is applied)."""
+    """One optimizer step of SFT; returns the metrics row."""
     per_rank = args.batch_size // run.world
     idx = step_rows(run.train_rows, step, args.batch_size, args.seed)
     global_targets = sum(sum(run.train_rows[i]["mask"][1:]) for i in idx)  # known to every rank
@@ -352,127 +387,36 @@ def sft_step(run, args, step):
             loss = (nll * batch[2]).sum() / max(global_targets, 1)
             (loss * run.world).backward()
         loss_sum += loss.detach().double()
-    return {"loss": all_reduce_sum(loss_sum).item(), "assistant_tokens": global_targets,
+    loss = all_reduce_sum(loss_sum).item()
+    return {"loss": loss, "grad_norm": optimizer_update(run, args, step, loss), "assistant_tokens": global_targets,
             "tokens": args.batch_size * (args.seq_len - 1)}
 
 
 def rl_setup(run, args):
     from data import load_dataset
-    import rlsp
     records = load_dataset(args.data, args.data_dir, limit=args.limit)
-    if args.filter_solved:
-        records = filter_solved(run, args, records)
-    if not records:
-        raise ValueError(f"{args.data}: no training problems left")
-    run.records = records
-    run.judge = rlsp.Judge(args.judge_url, args.judge_model, args.judge_key_env) if args.exploration == "judge" else None
     if args.exploration == "judge" and not args.judge_url:
         raise ValueError("--exploration judge needs --judge-url (an OpenAI-compatible chat-completions endpoint)")
-    run.ref = None
-    if args.kl_coef > 0:  # the frozen initial model, loaded only when a KL term is used
-        from model import Transformer
-        run.ref = Transformer.from_pretrained(args.model, device=run.device).requires_grad_(False)
+    judge = rlsp.Judge(args.judge_url, args.judge_model, args.judge_key_env) if args.exploration == "judge" else None
+    rollout_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.rollout_dtype, torch.bfloat16 if run.device.type == "cuda" else torch.float32)
+    run.settings = rlsp.Settings.from_args(args)
+    records = rlsp.setup(run, run.settings, records, args.model, args.out, args.resume, args.filter_solved, judge,
+                         rollout_dtype, torch.bfloat16 if run.device.type == "cuda" else None)
     return f"{len(records)} RL problems, {args.prompts_per_step} x {args.group_size} samples per rank and step"
 
 
-def filter_solved(run, args, records):
-    """MATH train minus the problems the starting model already solves greedily (the paper's RL set)."""
-    import rlsp
-    keep = []
-    run.model.eval()
-    for i in range(0, len(records), 64):
-        chunk = records[i:i + 64]
-        eps = rlsp.rollout(run.model, run.tokenizer, chunk, 1, args.max_new_tokens, temperature=0, prompt=args.prompt)
-        rlsp.grade_episodes(eps)
-        keep += [r for r, e in zip(chunk, eps) if not e.verdict.correct]
-    run.model.train()
-    if run.rank == 0:
-        print(f"--filter-solved: kept {len(keep)} of {len(records)} problems the model does not solve greedily")
-    return keep
-
-
 def rl_step(run, args, step):
-    """rollout -> grade -> exploration reward -> combine -> advantages -> PPO-clip loss (rlsp.py)."""
-    import rlsp
-    from eval import BEHAVIOURS
-    P, G = args.prompts_per_step, args.group_size
+    """This rank's problems of the step (a function of seed and step only, so resume reads the same), then
+    rlsp.rl_step, which also makes every optimizer update of the step."""
+    P = args.prompts_per_step
     idx = step_rows(run.records, step, P * run.world, args.seed)[run.rank * P:(run.rank + 1) * P]
-    t0 = time.perf_counter()
-    run.model.eval()
-    episodes = rlsp.rollout(run.model, run.tokenizer, [run.records[i] for i in idx], G, args.max_new_tokens,
-                            args.temperature, args.top_p, args.prompt, seed=args.seed * 1_000_003 + step * run.world + run.rank)
-    run.model.train()
-    t_rollout = time.perf_counter() - t0
-    rlsp.grade_episodes(episodes)
-    alpha = 1 - (1 - args.alpha) * args.alpha_decay ** step
-    rlsp.score_episodes(episodes, run.tokenizer, args, run.judge, alpha)
-    x, y, mask, old = rlsp.episode_batch(episodes, run.tokenizer.pad_token_id, run.device)
-    kl_reward = torch.zeros(len(episodes))
-    ref_logp = None
-    if run.ref is not None:
-        with torch.no_grad(), run.autocast:
-            ref_logp = run.ref(x, targets=y, temperature=args.temperature)
-        if args.kl_placement == "reward":  # the paper: r - beta * sum_t k1
-            kl_reward = (rlsp.kl_terms(old, ref_logp, "k1") * mask).sum(1).cpu()
-    rewards = [e.rewards["total"] - args.kl_coef * float(k) for e, k in zip(episodes, kl_reward)]
-    adv, zero_var = rlsp.advantages(rewards, G, args.advantage)
-    adv = adv.to(run.device)
-    t1 = time.perf_counter()
-    n = len(episodes)
-    mb = math.ceil(n / args.minibatches)
-    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "logprob_gap": 0.0}
-    for epoch in range(args.ppo_epochs):
-        for k, s in enumerate(range(0, n, mb)):
-            sl = slice(s, s + mb)
-            with run.autocast:
-                logp = run.ddp(x[sl], targets=y[sl], temperature=args.temperature)
-            loss, clip_frac = rlsp.policy_loss(logp, old[sl], adv[sl], mask[sl], args.clip_low, args.clip_high,
-                                               args.loss_agg, args.max_new_tokens)
-            if ref_logp is not None:
-                kl = rlsp.aggregate(rlsp.kl_terms(logp, ref_logp[sl], args.kl_estimator), mask[sl], args.loss_agg,
-                                    args.max_new_tokens)
-                if args.kl_placement == "loss":
-                    loss = loss + args.kl_coef * kl
-                stats["kl"] += kl.item() / args.minibatches
-            if epoch == 0:  # same weights as the sampler: any gap is numerics (dtype, kernels, batching)
-                gap = ((logp.detach() - old[sl]).abs() * mask[sl]).sum() / mask[sl].sum().clamp(min=1)
-                stats["logprob_gap"] += gap.item() / args.minibatches
-            loss.backward()
-            stats["loss"] += loss.item() / (args.minibatches * args.ppo_epochs)
-            stats["clip_frac"] += clip_frac.item() / (args.minibatches * args.ppo_epochs)
-            if not (epoch == args.ppo_epochs - 1 and s + mb >= n):  # the last minibatch is stepped by the loop
-                optimizer_update(run, args, step, loss.item())
-    t_train = time.perf_counter() - t1
-    m = mask.float()
-    lengths = [len(e.tokens) for e in episodes]
-    row = {"reward": mean([e.rewards["total"] for e in episodes]),
-           "outcome": mean([e.rewards["outcome"] for e in episodes]),
-           "exploration": mean([e.rewards["exploration"] for e in episodes]),
-           "accuracy": mean([e.verdict.correct for e in episodes]),
-           "no_answer_rate": mean([e.verdict.status == "no_answer" for e in episodes]),
-           "mean_length": mean(lengths), "max_length": max(lengths),
-           "truncation_rate": mean([not e.finished for e in episodes]),
-           "repetition": mean([e.rewards["repetition"] for e in episodes]),
-           "zero_variance_groups": zero_var, "alpha": alpha,
-           "entropy_est": (-(old * m).sum() / m.sum()).item(),  # E[-log p(sampled)] = entropy at temperature T
-           "rollout_tokens_per_s": sum(lengths) / t_rollout, "train_tokens_per_s": m.sum().item() * args.ppo_epochs / t_train,
-           "tokens": sum(lengths), **stats}
-    if run.judge is not None:
-        row["judge"] = mean([e.rewards["judge"] for e in episodes])
-        row["judge_failures"] = run.judge.failures
-    for b, rx in BEHAVIOURS.items():
-        row[f"{b}_proxy"] = mean([bool(rx.search(e.text)) for e in episodes])
-    if run.rank == 0 and args.episodes_every and step % args.episodes_every == 0:
-        with open(os.path.join(args.out, "episodes.jsonl"), "a") as f:
-            for e in episodes[:args.episodes_logged]:
-                f.write(json.dumps({"step": step + 1, "problem": e.record.problem, "answer": e.record.answer,
-                                    "response": e.text, "rewards": e.rewards, "status": e.verdict.status}) + "\n")
-    return row
-
-
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else 0.0
+    log = run.rank == 0 and args.episodes_every and step % args.episodes_every == 0
+    return rlsp.rl_step(run, [run.records[i] for i in idx], run.settings, step,
+                        seed=args.seed * 1_000_003 + step * run.world + run.rank,
+                        optimizer_step=functools.partial(optimizer_update, run, args, step),
+                        episodes_file=os.path.join(args.out, "episodes.jsonl") if log else None,
+                        episodes_logged=args.episodes_logged)
 
 
 def optimizer_update(run, args, step, loss):
@@ -550,11 +494,10 @@ def train(args):
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        row = step_fn(run, args, step)
-        grad_norm = optimizer_update(run, args, step, row["loss"])
+        row = step_fn(run, args, step)  # makes the step's optimizer update(s)
         step += 1
         dt = time.perf_counter() - t0
-        row = {"step": step, **row, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": row["tokens"] / dt}
+        row = {"step": step, **row, "lr": lr, "tokens_per_s": row["tokens"] / dt, "peak_mem_gib": peak_memory_gib(device)}
         eval_now = args.eval_every and (step % args.eval_every == 0 or step == args.max_steps)
         if eval_now and args.stage == "sft":
             row["heldout_loss"] = heldout_loss(model, run.heldout_rows, args, device, run.autocast)
@@ -585,8 +528,16 @@ def train(args):
     return model
 
 
+def peak_memory_gib(device):
+    """Peak memory so far: the CUDA allocator's on GPU; the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 LOG_KEYS = ("loss", "reward", "accuracy", "exploration", "mean_length", "truncation_rate", "kl", "entropy_est",
-            "clip_frac", "logprob_gap", "grad_norm", "lr", "tokens_per_s", "heldout_loss")
+            "clip_frac", "logprob_gap", "grad_norm", "lr", "tokens_per_s", "heldout_loss", "peak_mem_gib")
 
 
 def log_line(row, eta):

@@ -769,6 +769,21 @@ def _safe_extract(response, mode):
         return None
 
 
+# ----------------------------------------------------------------------------- behaviour proxies
+
+# Keyword proxies for the behaviours RLSP is about. They count phrases, not reasoning: a response
+# that says "wait" has not necessarily backtracked. Reported as rates of responses with any match.
+BEHAVIOURS = {
+    "backtracking": re.compile(r"\b(wait|actually|hmm|let me re-?(?:think|consider|evaluate|do)|i made a mistake|"
+                               r"that's (?:not right|wrong|incorrect)|on second thought|scratch that)\b", re.I),
+    "verification": re.compile(r"\b(let me (?:check|verify|double-check)|double-check|verif(?:y|ying|ication)|"
+                               r"check(?:ing)? (?:our|my|the) (?:answer|work|result)|plug(?:ging)? (?:it |this )?back|"
+                               r"substitut(?:e|ing) back|sanity check)\b", re.I),
+    "alternatives": re.compile(r"\b(alternatively|another (?:approach|way|method)|a different (?:approach|way|method)|"
+                               r"let(?:'s| us| me) try (?:a different|another))\b", re.I),
+}
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main():

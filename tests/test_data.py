@@ -185,6 +185,6 @@ def test_arithmetic_demonstrations():
         assert r.meta["checked"] == "\n".join(lines[:-1] + [f"verify: {lines[-2]}", lines[-1]])
         for style in ("steps", "direct", "checked"):
             assert grade(r.meta[style], r.answer).correct
-    from eval import BEHAVIOURS
+    from verifier import BEHAVIOURS
     assert BEHAVIOURS["verification"].search(problems[0].meta["checked"])
     assert not BEHAVIOURS["verification"].search(problems[0].meta["steps"])

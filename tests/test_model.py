@@ -122,7 +122,7 @@ def test_sampler_logprobs_equal_full_forward(tiny_qwen):
         ref = ref.gather(-1, torch.tensor(c.tokens)[:, None]).squeeze(-1)
         assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
         # the training path gives the same numbers
-        lp = model.logprobs(seq[:, :-1], seq[:, 1:], temperature=T, chunk=7)[0, len(p) - 1:]
+        lp = model.logprobs(seq[:, :-1], seq[:, 1:], temperature=T, chunk_tokens=7)[0, len(p) - 1:]
         assert torch.allclose(lp, ref, atol=1e-4)
 
 
@@ -139,10 +139,24 @@ def test_sampling_is_seeded_and_filters(tiny_qwen):
     assert [x.tokens for x in generate(model, prompts, 16, temperature=20.0, top_p=1e-6, seed=1)] == greedy
 
 
+def test_group_prefill_equals_duplicated_prompts(tiny_qwen):
+    """samples=G prefills each prompt once and copies its cache to G rows: the same draws, token for
+    token, as G copies of each prompt prefilled separately (same rows, same seed), several prefill chunks."""
+    model = Transformer.from_pretrained(tiny_qwen, device="cpu")
+    prompts = [random_ids(700, 1, n, seed=n)[0].tolist() for n in (6, 19, 3, 12)]
+    G = 3
+    grouped = generate(model, prompts, 12, temperature=3.0, seed=5, samples=G, prefill_tokens=40)
+    flat = generate(model, [p for p in prompts for _ in range(G)], 12, temperature=3.0, seed=5, prefill_tokens=40)
+    assert len(grouped) == len(prompts) * G
+    assert [c.tokens for c in grouped] == [c.tokens for c in flat]
+    assert all(torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5) for a, b in zip(grouped, flat))
+    assert len({tuple(c.tokens) for c in grouped[:G]}) > 1  # the rows of a group draw independently
+
+
 def test_logprobs_chunked_gradients(tiny_llama):
     model = Transformer.from_pretrained(tiny_llama, device="cpu").train()
     ids = random_ids(700, 2, 33)
-    lp = model.logprobs(ids[:, :-1], ids[:, 1:], temperature=1.0, chunk=5)
+    lp = model.logprobs(ids[:, :-1], ids[:, 1:], temperature=1.0, chunk_tokens=5)
     lp.sum().backward()
     g_chunked = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
     model.zero_grad()

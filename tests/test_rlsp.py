@@ -57,8 +57,8 @@ def test_advantages_hand_computed():
     assert adv.tolist() == pytest.approx([3 - 1.5, 1 - 2.5, 2 - 2.0])
     adv, zero = rlsp.advantages([1.0, 0.0, 0.0, 3.0], 1, "reinforce")  # G = 1: batch-mean baseline
     assert adv.tolist() == [0.0, -1.0, -1.0, 2.0] and zero == 4
-    adv, _ = rlsp.advantages([1.0, 2.0], 1, "grpo")  # G = 1 GRPO has no baseline: all zero
-    assert adv.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="group-size"):  # G = 1 GRPO has no baseline: refused, not all zero
+        rlsp.advantages([1.0, 2.0], 1, "grpo")
     with pytest.raises(ValueError, match="groups of 3"):
         rlsp.advantages([1.0, 2.0], 3)
 
@@ -71,28 +71,52 @@ def test_kl_estimators():
     assert rlsp.kl_terms(logp, logp, "k3").tolist() == [0.0, 0.0]
 
 
-def test_aggregation_modes():
-    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
-    m = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
-    assert rlsp.aggregate(x, m, "token-mean").item() == pytest.approx(10 / 4)
-    assert rlsp.aggregate(x, m, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
-    assert rlsp.aggregate(x, m, "constant", norm=5).item() == pytest.approx(10 / (2 * 5))
+def test_token_weights_are_the_aggregations():
+    """sum_i w_i sum_t x_it equals each aggregation of the minibatch computed directly."""
+    x = [[1.0, 2.0, 3.0], [4.0], [5.0, 6.0]]
+    lengths, keep = [3, 1, 2], [True, True, True]
+
+    def agg(w):
+        return sum(wi * sum(xi) for wi, xi in zip(w, x))
+    assert agg(rlsp.token_weights(lengths, keep, "token-mean")) == pytest.approx(21 / 6)
+    assert agg(rlsp.token_weights(lengths, keep, "seq-mean-token-mean")) == pytest.approx((2 + 4 + 5.5) / 3)
+    assert agg(rlsp.token_weights(lengths, keep, "constant", norm=5)) == pytest.approx(21 / (3 * 5))
+    # DAPO's overlong filter: a dropped episode weighs 0 and leaves the normalisers
+    w = rlsp.token_weights(lengths, [True, False, True], "token-mean")
+    assert w[1] == 0 and agg(w) == pytest.approx((6 + 11) / 5)
+    assert rlsp.token_weights([2], [False], "token-mean") == [0.0]
 
 
 def test_policy_loss_clip_higher():
-    old = torch.zeros(2, 2)
-    logp = torch.log(torch.tensor([[1.5, 0.5], [1.1, 0.7]]))  # ratios
-    adv = torch.tensor([1.0, -1.0])
-    mask = torch.ones(2, 2, dtype=torch.bool)
-    loss, frac = rlsp.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, agg="token-mean")
-    # row 0 (A=+1): min(1.5, 1.28) = 1.28, min(0.5, 0.8) = 0.5; row 1 (A=-1): min(-1.1, -1.1), min(-0.7, -0.8) = -0.8
-    want = -(1.28 + 0.5 - 1.1 - 0.8) / 4
-    assert loss.item() == pytest.approx(want, rel=1e-5)
-    assert frac.item() == pytest.approx(2 / 4)  # 1.5 clipped (A>0), 0.7 clipped (A<0)
-    # the gradient flows only through unclipped tokens
-    lp = logp.clone().requires_grad_(True)
-    rlsp.policy_loss(lp, old, adv, mask, 0.2, 0.28)[0].backward()
-    assert lp.grad[0, 0] == 0 and lp.grad[1, 1] == 0 and lp.grad[0, 1] != 0 and lp.grad[1, 0] != 0
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.7]))  # ratios; episode 0 = tokens 0-1, episode 1 = tokens 2-3
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    weight = torch.full((4,), 0.25)  # token-mean over 4 tokens
+    loss, clipped = rlsp.policy_loss(logp, old, adv, weight, clip_low=0.2, clip_high=0.28)
+    # A=+1: min(1.5, 1.28) = 1.28, min(0.5, 0.8) = 0.5; A=-1: min(-1.1, -1.1), min(-0.7, -0.8) = -0.8
+    assert loss.item() == pytest.approx(-(1.28 + 0.5 - 1.1 - 0.8) / 4, rel=1e-5)
+    assert clipped.tolist() == [True, False, False, True]  # 1.5 clipped (A>0), 0.7 clipped (A<0)
+    lp = logp.clone().requires_grad_(True)  # the gradient flows only through unclipped tokens
+    rlsp.policy_loss(lp, old, adv, weight, 0.2, 0.28)[0].backward()
+    assert lp.grad[0] == 0 and lp.grad[3] == 0 and lp.grad[1] != 0 and lp.grad[2] != 0
+
+
+def test_overlong_penalty_and_alpha_decay():
+    # DAPO Eq. 13 with a cap of 100 and a buffer of 20: 0 up to 80 tokens, then linear to -coef at 100
+    assert [rlsp.overlong_penalty(n, 100, 20, 1.0) for n in (50, 80, 90, 100)] == [0, 0, -0.5, -1.0]
+    assert rlsp.overlong_penalty(100, 100, 0) == 0.0
+    s = rlsp.Settings(alpha=0.8, alpha_decay=0.5)
+    assert [rlsp.decayed_alpha(s, k) for k in (0, 1, 2)] == pytest.approx([0.8, 0.9, 0.95])
+
+
+def test_micro_batches_respect_the_budget():
+    lengths = [5, 40, 7, 12, 33, 6]
+    parts = rlsp.micro_batches(lengths, 40)
+    assert sorted(i for p in parts for i in p) == list(range(6))
+    for p in parts:  # longest first, rows x longest <= budget unless a row is alone
+        assert len(p) == 1 or len(p) * max(lengths[i] for i in p) <= 40
+        assert lengths[p[0]] == max(lengths[i] for i in p)
+    assert parts[0] == [1] and rlsp.micro_batches([50], 10) == [[0]]
 
 
 def test_episode_batch_layout():
@@ -100,11 +124,10 @@ def test_episode_batch_layout():
         answer = "1"
     eps = [rlsp.Episode(R(), [5, 6, 7], [8, 9], [-0.1, -0.2], True, "", 0),
            rlsp.Episode(R(), [5], [4, 3, 2], [-1.0, -2.0, -3.0], False, "", 0)]
-    x, y, mask, old = rlsp.episode_batch(eps, 0, "cpu")
+    x, y, mask = rlsp.episode_batch(eps, 0, "cpu")
     assert x.tolist() == [[5, 6, 7, 8], [5, 4, 3, 2]] and y.tolist() == [[6, 7, 8, 9], [4, 3, 2, 0]]
     assert mask.tolist() == [[False, False, True, True], [True, True, True, False]]
-    assert torch.allclose(old, torch.tensor([[0, 0, -0.1, -0.2], [-1, -2, -3, 0]]))
-    assert [t for t, m in zip(y[0].tolist(), mask[0].tolist()) if m] == [8, 9]  # the sampler's own ids
+    assert y[mask].tolist() == [8, 9, 4, 3, 2]  # the sampler's own ids, episode after episode
 
 
 # ----------------------------------------------------------------------------- the judge
@@ -215,3 +238,49 @@ def test_rl_run_raises_mean_reward(tiny_llama, tmp_path):
         assert key in rows[0], key
     assert rows[0]["logprob_gap"] < 1e-3  # sampler and trainer agree on the same weights
     assert (tmp_path / "rl" / "episodes.jsonl").exists()
+
+
+@pytest.mark.parametrize("exploration", ["length", "difficulty", "judge", "none"])
+@pytest.mark.parametrize("form", ["paper", "code"])
+def test_score_episodes_every_exploration_and_form(tiny_qwen, judge_server, exploration, form):
+    """Reward parts and totals by hand for each exploration x form: the judge is the loopback server
+    (grade 0.6 for every response), the length term -C/L uses exact tokens before the box."""
+    tok = Tokenizer.from_pretrained(tiny_qwen)
+
+    class R:
+        problem, answer = "What is 2+3?", "5"
+    texts = ["2 plus 3 is 5, so \\boxed{5}", "I think \\boxed{6}", "no box here at all, just words words words",
+             "words " * 30 + "\\boxed{5}"]
+    statuses = ["correct", "incorrect", "no_answer", "correct"]
+    eps = [rlsp.Episode(R(), [1], tok.encode(t), [], True, t, 0) for t in texts]
+    for e, st in zip(eps, statuses):
+        e.verdict = v(st)
+    judge = rlsp.Judge(judge_server["url"], retries=0) if exploration == "judge" else None
+    judge_server["replies"] = [("ok", '{"grade": 0.6}')] * 4
+    s = rlsp.Settings(exploration=exploration, reward_form=form, length_c=10.0, repetition_coef=0.5, max_new_tokens=64,
+                      overlong_buffer=40, overlong_penalty=0.3)
+    rlsp.score_episodes(eps, tok, s, alpha=0.7, judge=judge)
+    fail_rate = 2 / 4  # two of the group's four are correct
+    for e, t, st in zip(eps, texts, statuses):
+        L = len(tok.encode(t[:t.find("\\boxed")])) if "\\boxed" in t else len(e.tokens)
+        outcome = {"correct": 1.0, "incorrect": 0.0, "no_answer": -0.5}[st]
+        length = -10.0 / L
+        if exploration == "difficulty":
+            length *= fail_rate
+        if exploration == "none" or (exploration == "judge" and form == "paper"):
+            length = 0.0  # the paper form with a judge: R_ex is the judge's score
+        if form == "paper":
+            total = 0.7 * outcome + 0.3 * (0.6 if exploration == "judge" else length)
+        else:  # the released code: outcome - C/L, and 0.8 of that + 0.2 judge (the length term stays)
+            total = outcome + length
+            if exploration == "judge":
+                total = 0.8 * total + 0.2 * 0.6
+        total = max(-10.0, min(10.0, total))
+        rep = rlsp.repetition_fraction(t)
+        over = -0.3 * min(1.0, max(0, len(e.tokens) - 24) / 40)
+        assert e.rewards["outcome"] == outcome and e.rewards["length"] == L
+        assert e.rewards["exploration"] == pytest.approx(length)
+        assert e.rewards["overlong"] == pytest.approx(over)
+        assert e.rewards["total"] == pytest.approx(total - 0.5 * rep + over), (exploration, form, t)
+        assert ("judge" in e.rewards) == (exploration == "judge")
+    assert eps[3].rewards["repetition"] > 0.5 and eps[3].rewards["overlong"] < 0

@@ -181,7 +181,7 @@ def test_dry_run_memory(tmp_path, capsys):
     train.main(["--model", str(tmp_path), "--dry-run", "--micro-batch-size", "1", "--seq-len", "4096", "--grad-checkpointing"])
     out = capsys.readouterr().out
     assert "8.03B parameters" in out and "a 80 GB card: does not fit" in out
-    n, parts = train.memory_estimate(Config.from_dict(cfg), train.parse_args(["--micro-batch-size", "1"]), 1)
+    n, parts = train.memory_estimate(Config.from_dict(cfg), train.parse_args(["--micro-batch-size", "1"]))
     assert parts["AdamW moments (fp32)"] == 8 * n and n == 8_030_261_248  # Llama-3.1-8B's published count
 
 
