@@ -9,7 +9,6 @@ fourth compares RL rollouts of G samples per prompt with one prefill per group a
 On GPU the sampler is also reported as a fraction of the memory-bandwidth roofline: each decode step
 must at least read every weight and the KV cache written so far once.
 """
-import argparse
 import json
 import os
 import tempfile
@@ -128,6 +127,22 @@ def bench_group_rollout(args, ours, prompts, device):
             best[i] = min(best[i], time.perf_counter() - t0)
     n_new = len(prompts) * G * args.new_tokens
     return n_new / best[0], n_new / best[1]
+
+
+def bench_verifier(args):
+    """Verdicts/s of the outcome verifier: the 500 MATH-500 reference solutions against their answers and
+    against the next problem's answer (1,000 verdicts), with 2 worker processes and with 1, mean of 3 after
+    a warm-up run."""
+    from verifier import grade_batch
+    with open(os.path.join(args.data_dir, "math500.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    responses = [r["solution"] for r in rows] * 2
+    golds = [r["answer"] for r in rows] + [rows[(i + 1) % len(rows)]["answer"] for i in range(len(rows))]
+    print(f"\n| {'verifier, MATH-500 references + mismatches':<44} | {'verdicts/s':>10} |\n|{'-' * 46}|{'-' * 12}|")
+    for workers in (2, 1):
+        seconds = timed(lambda: grade_batch(responses, golds, workers=workers), torch.device("cpu"), 3)
+        print(f"| {f'{workers} worker process' + ('es' if workers > 1 else '')} ({len(responses)} verdicts){'':<17} | "
+              f"{len(responses) / seconds:10.0f} |")
 
 
 def check_rl_memory_plan(args):
@@ -272,29 +287,39 @@ def device_name(device):
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    from cli import Parser, positive
+    p = Parser(description=__doc__)
     p.add_argument("--model", default=os.path.join(".cache", "tests", "SmolLM2-135M-Instruct"),
                    help="HF model folder for the CPU run (default: the SmolLM2 test fixture)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b", help="GPU: random-weight shapes to bench")
-    p.add_argument("--batch", type=int, default=None, help="prompts (default 16 on CPU, 64 on GPU)")
-    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 128 CPU, 512 GPU)")
-    p.add_argument("--max-prompt", type=int, default=4096, help="prompts are cut to this many tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed sampling runs per implementation (best is kept)")
-    p.add_argument("--prefill-batch", type=int, default=4)
-    p.add_argument("--prefill-len", type=int, default=512)
-    p.add_argument("--train-batch", type=int, default=4)
-    p.add_argument("--train-len", type=int, default=256)
-    p.add_argument("--group-prompts", type=int, default=4, help="rollout bench: prompts (each sampled G times)")
-    p.add_argument("--group-size", type=int, default=8, help="rollout bench: G, samples per prompt")
+    p.add_argument("--batch", type=positive, default=None, help="prompts (default 16 on CPU, 64 on GPU)")
+    p.add_argument("--new-tokens", type=positive, default=None, help="new tokens per prompt (default 128 CPU, 512 GPU)")
+    p.add_argument("--max-prompt", type=positive, default=4096, help="prompts are cut to this many tokens")
+    p.add_argument("--repeats", type=positive, default=3, help="timed sampling runs per implementation (best is kept)")
+    p.add_argument("--prefill-batch", type=positive, default=4)
+    p.add_argument("--prefill-len", type=positive, default=512)
+    p.add_argument("--train-batch", type=positive, default=4)
+    p.add_argument("--train-len", type=positive, default=256)
+    p.add_argument("--group-prompts", type=positive, default=4, help="rollout bench: prompts (each sampled G times)")
+    p.add_argument("--group-size", type=positive, default=8, help="rollout bench: G, samples per prompt")
     p.add_argument("--measures", default="sampling,prefill,train,rollout",
-                   help="which measurements to run; `memory` alone checks the RL memory plan on CPU instead")
+                   help="which measurements to run; `memory` alone checks the RL memory plan on CPU instead, "
+                        "`verifier` alone measures the verifier's verdicts/s")
     p.add_argument("--data-dir", default=os.environ.get("RLSP_DATA_DIR", os.path.join("..", "shared", "data")))
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    measures = set(args.measures.split(","))
+    if not measures <= {"sampling", "prefill", "train", "rollout"} and args.measures not in ("memory", "verifier"):
+        p.error(f"--measures takes sampling, prefill, train, rollout (comma-separated), or memory or verifier "
+                f"alone (got {args.measures!r})")
+    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
+        p.error(f"--device {args.device}: expected cpu, or cuda[:N] where torch sees a CUDA device")
     if args.measures == "memory":
         return check_rl_memory_plan(args)
+    if args.measures == "verifier":
+        return bench_verifier(args)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
@@ -316,4 +341,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    cli.run(main)

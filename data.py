@@ -133,9 +133,10 @@ def dataset_path(name, data_dir=None):
 
 
 def read_jsonl(path):
-    """Rows of a JSONL file; a malformed line is an error naming file and line."""
+    """Rows of a JSONL file; a malformed line is an error naming file and line. A path that is not a file
+    is an error listing the dataset names, in case a name was meant."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found")
+        raise FileNotFoundError(f"{path!r} is neither a dataset name ({', '.join(DATASETS)}) nor a JSONL file")
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

@@ -10,15 +10,14 @@ truncation and no-answer rates, behaviour-proxy rates and tokens/s. Both grading
 always reported: `strict` (the last \\boxed{} only) and `paper` (the Qwen2.5-Math harness the RLSP
 authors used: the box, else "the answer is", else the last number).
 """
-import argparse
 import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections import Counter, defaultdict
 
+import cli
 from data import load_dataset
 from verifier import BEHAVIOURS, grade_batch, normalize
 
@@ -63,8 +62,9 @@ def mean_ci95(values):
     return m, [m - 1.96 * se, m + 1.96 * se]
 
 
-def summarize(samples, mode="strict", seconds=None):
-    """summary.json from the sample lines (which alone determine it, so it can be recomputed)."""
+def summarize(samples, mode="strict"):
+    """summary.json from the sample lines (which alone determine it, so it can be recomputed; each line
+    carries its share of its batch's sampling time, so tokens/s covers every run that added to the folder)."""
     by_problem = defaultdict(list)
     for s in samples:
         by_problem[s["id"]].append(s)
@@ -99,6 +99,7 @@ def summarize(samples, mode="strict", seconds=None):
     out["behaviour_rates_proxy"] = {b: sum(bool(rx.search(s["response"])) for s in samples) / len(samples)
                                     for b, rx in BEHAVIOURS.items()}
     out["repetition_rate"] = sum(repeats(s["response"]) for s in samples) / len(samples)
+    seconds = sum(s.get("seconds", 0.0) for s in samples)
     if seconds:
         out["seconds"] = seconds
         out["tokens_per_s"] = sum(lengths) / seconds
@@ -125,7 +126,6 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
                 done[(s["id"], s["sample"])] = s
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    seconds = 0.0
     bar = tqdm(total=len(work), desc="eval", disable=not progress, dynamic_ncols=True)
     bar.update(sum((r.id, k) in done for r, k in work))
     for b, start in enumerate(range(0, len(work), batch_size)):
@@ -136,7 +136,7 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
         # The seed depends on the batch index only, so a resumed run redraws exactly the same samples.
         outs = sample(model, tokenizer, [r.problem for r, _ in batch], 1, max_new_tokens, temperature, top_p,
                       prompt, seed=seed + b)
-        seconds += time.perf_counter() - t0
+        share = (time.perf_counter() - t0) / len(batch)
         responses = [c.text for c in outs]
         golds = [r.answer for r, _ in batch]
         verdicts = {m: grade_batch(responses, golds, mode="last_boxed" if m == "strict" else "paper", workers=workers)
@@ -144,7 +144,7 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
         lines = []
         for i, ((r, k), c, text) in enumerate(zip(batch, outs, responses)):
             s = {"id": r.id, "sample": k, "prompt": tokenizer.decode(c.prompt_ids), "response": text, "answer": r.answer,
-                 "num_tokens": len(c.tokens), "finished": c.finished,
+                 "num_tokens": len(c.tokens), "finished": c.finished, "seconds": share,
                  "level": r.meta.get("level"), "subject": r.meta.get("subject")}
             for m, vs in verdicts.items():
                 s[f"extracted_{m}"], s[f"status_{m}"], s[f"correct_{m}"] = vs[i].answer, vs[i].status, vs[i].correct
@@ -161,7 +161,7 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
         bar.set_postfix(acc=f"{sum(s['correct'] for s in finished) / len(finished):.3f}")
     bar.close()
     result = [done[(r.id, k)] for r, k in work]
-    summary = summarize(result, extract, seconds or None)
+    summary = summarize(result, extract)
     if out_dir:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -169,7 +169,10 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
 
 
 def read_samples(run_dir):
-    with open(os.path.join(run_dir, "samples.jsonl"), encoding="utf-8") as f:
+    path = os.path.join(run_dir, "samples.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (an eval run folder holds samples.jsonl)")
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -178,58 +181,99 @@ def compare(run_a, run_b):
     sa, sb = read_samples(run_a), read_samples(run_b)
     A, B = summarize(sa), summarize(sb)
     mode = A["extract"]
-    rows = [("accuracy_strict", "accuracy (strict)"), ("accuracy_paper", "accuracy (paper)"),
-            ("mean_length", "mean length"), ("truncation_rate", "truncation rate"), ("no_answer_rate", "no-answer rate")]
-    print(f"{'':24s} {os.path.basename(os.path.normpath(run_a)):>14s} {os.path.basename(os.path.normpath(run_b)):>14s} {'B - A':>10s}")
-    for key, label in rows:
-        print(f"{label:24s} {A[key]:14.4f} {B[key]:14.4f} {B[key] - A[key]:+10.4f}")
     acc = defaultdict(lambda: [[], []])
     for i, samples in enumerate((sa, sb)):
         for s in samples:
             acc[s["id"]][i].append(s[f"correct_{mode}"])
     paired = [sum(b) / len(b) - sum(a) / len(a) for a, b in acc.values() if a and b]
     if not paired:
-        print("no problems in common")
-        return None
+        raise ValueError(f"{run_a} and {run_b} share no problems (different datasets?): nothing to compare")
+    rows = [("accuracy_strict", "accuracy (strict)"), ("accuracy_paper", "accuracy (paper)"),
+            ("mean_length", "mean length"), ("truncation_rate", "truncation rate"), ("no_answer_rate", "no-answer rate")]
+    print(f"{'':24s} {os.path.basename(os.path.normpath(run_a)):>14s} {os.path.basename(os.path.normpath(run_b)):>14s} {'B - A':>10s}")
+    for key, label in rows:
+        print(f"{label:24s} {A[key]:14.4f} {B[key]:14.4f} {B[key] - A[key]:+10.4f}")
     diff, ci = mean_ci95(paired)
     verdict = "exceeds the noise" if ci[0] > 0 or ci[1] < 0 else "within the noise"
     print(f"paired difference ({mode}) on {len(paired)} problems: {diff:+.4f}, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]: {verdict}")
     return diff, ci
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Settings that decide what a run folder's samples are: adding to a folder written with other values
+# would mix two experiments in one summary. (The seed of a batch is seed + batch index, so the batch
+# size is one of them.)
+RUN_SETTINGS = ("model", "data", "limit", "samples", "temperature", "top_p", "max_new_tokens", "prompt", "seed",
+                "batch_size", "problem_field", "answer_field")
+
+
+def check_out_folder(out, args):
+    """Refuse to add samples to a folder written with other settings, naming each difference."""
+    saved = os.path.join(out, "args.json")
+    if not os.path.isfile(saved):
+        if os.path.isfile(os.path.join(out, "samples.jsonl")):
+            raise FileExistsError(f"{out} holds samples but no args.json saying how they were made; "
+                                  f"choose another --out")
+        return
+    with open(saved) as f:
+        old = json.load(f)
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}" for k in RUN_SETTINGS
+               if old.get(k) != getattr(args, k)]
+    if changed:
+        raise ValueError(f"{out} holds samples made with other settings ({'; '.join(changed)}); rerun with the "
+                         f"same settings to resume it, or choose another --out")
+
+
+def parser():
+    from cli import fraction, number, positive
+    p = cli.Parser(description=__doc__)
     p.add_argument("--model", help="HF model folder")
     p.add_argument("--data", default="math500", help="dataset name (math500, aime24, gsm8k, ...) or a JSONL file")
     p.add_argument("--data-dir", default=None, help="folder of dataset files (default: $RLSP_DATA_DIR, else download)")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--samples", type=positive, default=1, help="samples per problem")
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=fraction, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive, default=1024)
     p.add_argument("--prompt", default="paper", help="paper | boxed | a template with {problem}")
     p.add_argument("--extract", default="strict", choices=("strict", "paper"), help="grading harness for `accuracy`")
-    p.add_argument("--limit", type=int, default=None, help="first N problems")
-    p.add_argument("--batch-size", type=int, default=32, help="responses sampled at once")
+    p.add_argument("--limit", type=positive, default=None, help="first N problems")
+    p.add_argument("--batch-size", type=positive, default=32, help="responses sampled at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/eval-DATA)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--problem-field", default="problem", help="for a JSONL file")
     p.add_argument("--answer-field", default="answer", help="for a JSONL file")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two finished runs")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
     if args.compare:
-        compare(*args.compare)
-        return
+        return compare(*args.compare)
     if not args.model:
         p.error("--model is required (or --compare RUN_A RUN_B)")
+    if args.temperature == 0 and args.samples > 1:
+        p.error(f"--samples {args.samples} with --temperature 0 draws the same greedy response {args.samples} times; "
+                f"use --temperature > 0 (e.g. 0.6) or --samples 1")
+    if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:N] (got {args.device!r})")
     from model import Tokenizer, Transformer
+    import torch
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch build sees no CUDA device (torch.cuda.is_available() is False)")
     out = args.out or os.path.join("runs", f"eval-{os.path.splitext(os.path.basename(args.data))[0]}")
     records = load_dataset(args.data, args.data_dir, limit=args.limit, problem_field=args.problem_field,
                            answer_field=args.answer_field)
+    if not records:
+        raise ValueError(f"{args.data}: no problems to evaluate")
+    check_out_folder(out, args)
     model = Transformer.from_pretrained(args.model, device=args.device)
     tokenizer = Tokenizer.from_pretrained(args.model)
-    with open(os.path.join(os.makedirs(out, exist_ok=True) or out, "args.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
+    cli.interrupt_note = f"finished batches are kept in {os.path.join(out, 'samples.jsonl')}; rerun the same command to continue"
     s = evaluate(model, tokenizer, records, out, args.samples, args.temperature, args.top_p, args.max_new_tokens,
                  args.prompt, args.extract, args.batch_size, args.seed)
     lo, hi = s["ci95"]
@@ -237,7 +281,8 @@ def main():
           f"strict {s['accuracy_strict']:.4f} paper {s['accuracy_paper']:.4f} | n={s['n_problems']} x {s['samples_per_problem']} | "
           f"mean length {s['mean_length']:.0f} | truncated {s['truncation_rate']:.3f} | no answer {s['no_answer_rate']:.3f}")
     print(f"summary: {os.path.join(out, 'summary.json')}")
+    return s
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import safetensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SafetensorError = getattr(safetensors, "SafetensorError", RuntimeError)  # a bad file's error (own class since 0.4)
 ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -297,20 +299,11 @@ class Transformer(nn.Module):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{file} not found (weights of {path}; "
                                         f"expected model.safetensors or the shards in model.safetensors.index.json)")
-            with safe_open(file, framework="pt", device="cpu") as f:
-                part = {}
-                for key in f.keys():
-                    if key not in expected:
-                        if not (cfg.tie_word_embeddings and key == "lm_head.weight"):
-                            unexpected.append(key)
-                        continue
-                    t = f.get_tensor(key)
-                    loaded.add(key)
-                    if tuple(t.shape) != expected[key]:
-                        bad_shape.append(f"{key}: {tuple(t.shape)} in file, {expected[key]} expected")
-                        continue
-                    part[key] = t.to(device=device, dtype=dtype)
-                model.load_state_dict(part, strict=False, assign=True)
+            try:
+                part = load_tensors(file, expected, cfg, loaded, unexpected, bad_shape, device, dtype)
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{file}: cannot read it as safetensors ({e}); truncated or corrupt?") from None
+            model.load_state_dict(part, strict=False, assign=True)
         missing = sorted(set(expected) - loaded)
         problems = ([f"missing tensors: {', '.join(missing)}"] if missing else []) + \
                    ([f"unexpected tensors: {', '.join(sorted(unexpected))}"] if unexpected else []) + \
@@ -353,6 +346,25 @@ class Transformer(nn.Module):
         raw["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(raw, f, indent=2)
+
+
+def load_tensors(file, expected, cfg, loaded, unexpected, bad_shape, device, dtype):
+    """The tensors of one safetensors file that the model expects, in `dtype` on `device`; names it does
+    not expect and shapes that differ are collected in `unexpected` and `bad_shape`."""
+    part = {}
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key not in expected:
+                if not (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                    unexpected.append(key)
+                continue
+            t = f.get_tensor(key)
+            loaded.add(key)
+            if tuple(t.shape) != expected[key]:
+                bad_shape.append(f"{key}: {tuple(t.shape)} in file, {expected[key]} expected")
+                continue
+            part[key] = t.to(device=device, dtype=dtype)
+    return part
 
 
 # ----------------------------------------------------------------------------- memory arithmetic

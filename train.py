@@ -14,7 +14,6 @@ PPO updates). Both: AdamW(0.9, 0.95), cosine schedule with warm-up and a floor a
 at 1.0; bf16 autocast on GPU with fp32 master weights. Checkpoints are HF folders plus trainer state,
 written to a temporary folder and renamed; `--resume` continues exactly.
 """
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -23,12 +22,12 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+import cli
 import rlsp
 
 DEFAULTS = dict(stage="sft", data="math_train", prompt="paper", seq_len=2048, batch_size=32, micro_batch_size=4,
@@ -42,99 +41,134 @@ RUN_IDENTITY = ("stage", "model", "data", "prompt", "limit", "seq_len", "batch_s
                 *(f.name for f in dataclasses.fields(rlsp.Settings) if f.name != "micro_batch_tokens"))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Flags the demo reads; any other flag without --model is a mistake (the stages need a checkpoint).
+DEMO_FLAGS = ("out", "seed", "exploration", "alpha", "device")
+
+
+def parser():
+    from cli import fraction, non_negative, number, positive
+    p = cli.Parser(description=__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--stage", default=DEFAULTS["stage"], choices=["sft", "rl"], help="training stage")
-    g.add_argument("--model", help="HF model folder to start from")
-    g.add_argument("--data", default=DEFAULTS["data"], help="math_train, or a JSONL of (prompt, response) pairs")
+    g.add_argument("--model", help="HF model folder to start from (without it: the demo)")
+    g.add_argument("--data", default=DEFAULTS["data"],
+                   help="SFT: math_train (its solutions) or a JSONL of (prompt, response) pairs; RL: a dataset "
+                        "name (math_train, gsm8k_train, ...) or a JSONL of (problem, answer)")
     g.add_argument("--data-dir", default=None, help="dataset folder (default $RLSP_DATA_DIR, else download)")
     g.add_argument("--prompt", default=DEFAULTS["prompt"], help="paper | boxed | a template with {problem}")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N demonstrations")
-    g.add_argument("--out", default="runs/sft", help="run folder")
+    g.add_argument("--limit", type=positive, default=None, help="use only the first N demonstrations / problems")
+    g.add_argument("--out", default=None, help="run folder (default: runs/sft, runs/rl or runs/demo)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     g = p.add_argument_group("optimisation")
-    g.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="tokens per packed row")
-    g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="rows per optimizer step (global)")
-    g.add_argument("--micro-batch-size", type=int, default=DEFAULTS["micro_batch_size"], help="rows per forward pass")
-    g.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=DEFAULTS["min_lr_ratio"], help="cosine floor / peak")
-    g.add_argument("--warmup-steps", type=int, default=DEFAULTS["warmup_steps"])
-    g.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
-    g.add_argument("--grad-clip", type=float, default=DEFAULTS["grad_clip"])
-    g.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"])
+    g.add_argument("--seq-len", type=number(int, 2), default=DEFAULTS["seq_len"], help="SFT: tokens per packed row")
+    g.add_argument("--batch-size", type=positive, default=DEFAULTS["batch_size"],
+                   help="SFT: rows per optimizer step (global)")
+    g.add_argument("--micro-batch-size", type=positive, default=DEFAULTS["micro_batch_size"],
+                   help="SFT: rows per forward pass (memory only; at most the rows per GPU)")
+    g.add_argument("--lr", type=number(float, 0, low_open=True), default=DEFAULTS["lr"], help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=number(float, 0, 1), default=DEFAULTS["min_lr_ratio"], help="cosine floor / peak")
+    g.add_argument("--warmup-steps", type=non_negative, default=DEFAULTS["warmup_steps"])
+    g.add_argument("--weight-decay", type=number(float, 0), default=DEFAULTS["weight_decay"])
+    g.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=DEFAULTS["grad_clip"])
+    g.add_argument("--max-steps", type=positive, default=DEFAULTS["max_steps"])
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available, else cpu)")
     g = p.add_argument_group("RL stage (rlsp.py; paper values in the README)")
-    g.add_argument("--prompts-per-step", type=int, default=8, help="problems per rank and step")
-    g.add_argument("--group-size", type=int, default=8, help="samples per problem (1 = the paper)")
-    g.add_argument("--max-new-tokens", type=int, default=1024, help="paper: 4096")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling and scoring temperature (paper: 0.7)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--prompts-per-step", type=positive, default=8, help="problems per rank and step")
+    g.add_argument("--group-size", type=positive, default=8, help="samples per problem (1 = the paper)")
+    g.add_argument("--max-new-tokens", type=positive, default=1024, help="paper: 4096")
+    g.add_argument("--temperature", type=number(float, 0, low_open=True), default=0.7,
+                   help="sampling and scoring temperature (paper: 0.7)")
+    g.add_argument("--top-p", type=fraction, default=1.0)
     g.add_argument("--exploration", default="length", choices=["length", "judge", "difficulty", "none"],
                    help="exploration reward: -C/L, an LLM judge, -C/L scaled by the group's failure rate, or none")
     g.add_argument("--reward-form", default="paper", choices=["paper", "code"],
                    help="paper: alpha*outcome + (1-alpha)*R_ex (Eq. 1); code: outcome - C/L (released code)")
-    g.add_argument("--alpha", type=float, default=0.8, help="weight of correctness in Eq. 1 (paper: 0.8)")
-    g.add_argument("--alpha-decay", type=float, default=1.0, help="(1 - alpha) is multiplied by this each step")
-    g.add_argument("--length-c", type=float, default=1000.0, help="C in R_ex = -C/L (paper: 1000)")
+    g.add_argument("--alpha", type=number(float, 0, 1), default=0.8, help="weight of correctness in Eq. 1 (paper: 0.8)")
+    g.add_argument("--alpha-decay", type=number(float, 0, 1), default=1.0,
+                   help="(1 - alpha) is multiplied by this each step")
+    g.add_argument("--length-c", type=number(float, 0), default=1000.0, help="C in R_ex = -C/L (paper: 1000)")
     g.add_argument("--no-answer-reward", type=float, default=-0.5, help="outcome when no \\boxed{} (code: -0.5)")
-    g.add_argument("--reward-clip", type=float, default=10.0, help="total reward clipped to [-x, x] (paper: 10)")
-    g.add_argument("--repetition-coef", type=float, default=0.0, help="penalty x share of repeated 10-grams")
+    g.add_argument("--reward-clip", type=number(float, 0, low_open=True), default=10.0,
+                   help="total reward clipped to [-x, x] (paper: 10)")
+    g.add_argument("--repetition-coef", type=number(float, 0), default=0.0, help="penalty x share of repeated 10-grams")
     g.add_argument("--advantage", default="grpo", choices=["grpo", "drgrpo", "rloo", "reinforce"])
-    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip below 1 (paper: 0.2)")
-    g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher; paper: 0.2)")
+    g.add_argument("--clip-low", type=number(float, 0, 1, high_open=True), default=0.2, help="PPO clip below 1 (paper: 0.2)")
+    g.add_argument("--clip-high", type=number(float, 0), default=0.28, help="PPO clip above 1 (DAPO clip-higher; paper: 0.2)")
     g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "constant"])
     g.add_argument("--overlong-filter", action="store_true",
                    help="leave responses cut off at --max-new-tokens out of the loss (DAPO)")
-    g.add_argument("--overlong-buffer", type=int, default=0,
+    g.add_argument("--overlong-buffer", type=non_negative, default=0,
                    help="soft overlong penalty over the last N tokens before the cap, 0 = off (DAPO: 4096 of 20480)")
-    g.add_argument("--overlong-penalty", type=float, default=1.0, help="the soft penalty at the cap")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
-    g.add_argument("--minibatches", type=int, default=1, help="optimizer updates per pass")
-    g.add_argument("--micro-batch-tokens", type=int, default=None,
+    g.add_argument("--overlong-penalty", type=number(float, 0), default=1.0, help="the soft penalty at the cap")
+    g.add_argument("--ppo-epochs", type=positive, default=1, help="passes over each rollout batch")
+    g.add_argument("--minibatches", type=positive, default=1, help="optimizer updates per pass")
+    g.add_argument("--micro-batch-tokens", type=positive, default=None,
                    help="tokens per forward/backward in the RL update (memory only; default 16384 on GPU, 4096 on CPU)")
     g.add_argument("--rollout-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights the sampler reads: auto = a bf16 copy on GPU, the fp32 policy on CPU")
-    g.add_argument("--kl-coef", type=float, default=0.0, help="beta; > 0 loads the frozen initial model (paper: 0.05)")
+    g.add_argument("--kl-coef", type=number(float, 0), default=0.0,
+                   help="beta; > 0 loads the frozen initial model (paper: 0.05)")
     g.add_argument("--kl-estimator", default="k3", choices=["k1", "k3"], help="for --kl-placement loss")
     g.add_argument("--kl-placement", default="loss", choices=["loss", "reward"], help="paper: reward (k1)")
     g.add_argument("--judge-url", default=None, help="OpenAI-compatible /v1/chat/completions URL")
     g.add_argument("--judge-model", default="gpt-4o-mini")
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     g.add_argument("--filter-solved", action="store_true", help="drop problems the start model solves greedily")
-    g.add_argument("--episodes-every", type=int, default=10, help="steps between sampled episodes written out")
-    g.add_argument("--episodes-logged", type=int, default=4)
+    g.add_argument("--episodes-every", type=non_negative, default=10,
+                   help="steps between sampled episodes written out (0 = never)")
+    g.add_argument("--episodes-logged", type=non_negative, default=4)
     g = p.add_argument_group("checkpoints, evaluation, logs")
-    g.add_argument("--save-every", type=int, default=DEFAULTS["save_every"], help="steps between checkpoints")
-    g.add_argument("--keep", type=int, default=DEFAULTS["keep"], help="checkpoints kept")
-    g.add_argument("--heldout", type=int, default=DEFAULTS["heldout"], help="demonstrations held out for loss")
-    g.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"], help="steps between held-out evals")
+    g.add_argument("--save-every", type=positive, default=DEFAULTS["save_every"], help="steps between checkpoints")
+    g.add_argument("--keep", type=positive, default=DEFAULTS["keep"], help="checkpoints kept")
+    g.add_argument("--heldout", type=non_negative, default=DEFAULTS["heldout"],
+                   help="SFT: demonstrations held out for the held-out loss (0 = none)")
+    g.add_argument("--eval-every", type=non_negative, default=DEFAULTS["eval_every"],
+                   help="steps between held-out / benchmark evals (0 = never)")
     g.add_argument("--eval-data", default=None, help="also run eval.py's benchmark eval (e.g. math500)")
-    g.add_argument("--eval-limit", type=int, default=100)
-    g.add_argument("--eval-max-new-tokens", type=int, default=1024)
+    g.add_argument("--eval-limit", type=positive, default=100)
+    g.add_argument("--eval-max-new-tokens", type=positive, default=1024)
     g.add_argument("--dry-run", action="store_true", help="print the memory the run needs per GPU and exit")
-    g.add_argument("--plot", metavar="RUN_DIR", help="draw PNG curves of RUN_DIR/metrics.jsonl and exit")
+    g.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl and exit")
     g = p.add_argument_group("the demo (python train.py with no --model)")
-    g.add_argument("--demo-problems", type=int, default=20000, help="synthetic problems: half SFT, half RL")
-    g.add_argument("--demo-heldout", type=int, default=500, help="held-out problems for the final table")
-    g.add_argument("--demo-sft-steps", type=int, default=500)
-    g.add_argument("--demo-rl-steps", type=int, default=40)
-    g.add_argument("--demo-rl-lr", type=float, default=1e-4)
-    g.add_argument("--demo-rl-temperature", type=float, default=1.0, help="sampling temperature (paper: 0.7)")
+    g.add_argument("--demo-problems", type=number(int, 4), default=20000, help="synthetic problems: half SFT, half RL")
+    g.add_argument("--demo-heldout", type=positive, default=500, help="held-out problems for the final table")
+    g.add_argument("--demo-sft-steps", type=positive, default=500)
+    g.add_argument("--demo-rl-steps", type=positive, default=40)
+    g.add_argument("--demo-rl-lr", type=number(float, 0, low_open=True), default=1e-4)
+    g.add_argument("--demo-rl-temperature", type=number(float, 0, low_open=True), default=1.0,
+                   help="sampling temperature (paper: 0.7)")
     g.add_argument("--demo-mix", default="direct:2,steps:1,checked:1",
                    help="demonstration styles and weights: direct (box only), steps, checked (steps + verify)")
-    g.add_argument("--demo-length-c", type=float, default=16.0,
+    g.add_argument("--demo-length-c", type=number(float, 0), default=16.0,
                    help="C for 64-token responses: the paper's 1000 for 4096 tokens, scaled (1000 * 64 / 4096)")
+    return p
+
+
+def parse_args(argv=None):
+    """Flags, checked: each alone by its type, then the combinations (one line naming the flag, exit 2)."""
+    p = parser()
     args = p.parse_args(argv)
+    if not args.model and not args.dry_run and not args.plot:
+        extra = [k for k, v in vars(args).items() if v != p.get_default(k) and k not in DEMO_FLAGS
+                 and not k.startswith("demo_")]
+        if extra:
+            p.error(f"--model is required with --{extra[0].replace('_', '-')} (without --model, python train.py runs "
+                    f"the demo, which reads only --out, --seed, --exploration, --alpha, --device and --demo-* flags)")
+    if args.dry_run and not args.model:
+        p.error("--dry-run needs --model (a folder with config.json)")
+    if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda[:N] (got {args.device!r})")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch build sees no CUDA device (torch.cuda.is_available() is False)")
+    if args.out is None:
+        args.out = os.path.join("runs", "demo" if not args.model else args.stage)
     if args.micro_batch_tokens is None:
         on_gpu = args.dry_run or (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         args.micro_batch_tokens = 16384 if on_gpu else 4096  # --dry-run plans for a GPU
     if args.stage == "rl":
         errors = rlsp.Settings.from_args(args).errors(args.prompts_per_step)
-        if args.prompts_per_step < 1:
-            errors.insert(0, f"--prompts-per-step must be >= 1 (got {args.prompts_per_step})")
         if errors:
             p.error(errors[0])
     return args
@@ -214,9 +248,11 @@ def token_losses(model, batch, autocast):
 
 
 @torch.no_grad()
-def heldout_loss(model, rows, args, device, autocast):
+def heldout_loss(model, rows, args, device, autocast, progress=False):
+    from tqdm import tqdm
     total = torch.zeros(2, device=device, dtype=torch.float64)
-    for i in range(0, len(rows), args.micro_batch_size):
+    for i in tqdm(range(0, len(rows), args.micro_batch_size), desc="held-out loss", leave=False, disable=not progress,
+                  dynamic_ncols=True):
         batch = to_batch(rows[i:i + args.micro_batch_size], device)
         nll = token_losses(model, batch, autocast)
         total += torch.stack([(nll * batch[2]).sum().double(), batch[2].sum().double()])
@@ -327,33 +363,52 @@ def dry_run(args, world):
 
 # ----------------------------------------------------------------------------- plots
 
+PANELS = (("reward", ("reward", "outcome", "exploration", "reward_kl", "overlong")),
+          ("accuracy", ("accuracy",)), ("response length, tokens", ("mean_length", "max_length")),
+          ("loss", ("loss", "heldout_loss")), ("KL to the reference", ("kl",)), ("entropy estimate", ("entropy_est",)),
+          ("clip fraction", ("clip_frac",)), ("gradient norm", ("grad_norm",)), ("learning rate", ("lr",)),
+          ("truncated / no answer", ("truncation_rate", "no_answer_rate")),
+          ("tokens/s", ("tokens_per_s", "rollout_tokens_per_s", "train_tokens_per_s")),
+          ("peak memory, GiB", ("peak_mem_gib",)))
+
+
 def plot(run_dir):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("--plot needs matplotlib: pip install matplotlib")
+    """RUN_DIR/curves.png: one figure, a grid of the key curves of metrics.jsonl (benchmark accuracies join
+    the accuracy panel); panels with no data are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        sys.exit(f"{path} not found")
+        raise FileNotFoundError(f"{path} not found (--plot takes a run folder)")
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
-    files = []
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-        ax.set_xlabel("step")
-        ax.set_title(k)
+    evals = tuple(sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_accuracy")}))
+    panels = [(title, [k for k in keys + (evals if title == "accuracy" else ()) if any(k in r for r in rows)])
+              for title, keys in PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4 * cols, 2.8 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        files.append(os.path.join(run_dir, f"plot_{k}.png"))
-        fig.savefig(files[-1], dpi=100)
-        plt.close(fig)
-    print(f"wrote {len(files)} plots to {run_dir}")
-    return files
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    print(f"curves: {out}")
+    return out
 
 
 # ----------------------------------------------------------------------------- training
@@ -447,11 +502,10 @@ def train(args):
         if rank == 0:
             dry_run(args, world)
         return None
-    if not args.model:
-        raise SystemExit("--model is required")
-    if args.stage == "sft" and args.batch_size % (world * args.micro_batch_size):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of world size {world} x "
-                         f"--micro-batch-size {args.micro_batch_size}")
+    if args.stage == "sft":
+        if args.batch_size % world:
+            raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the world size {world}")
+        args.micro_batch_size = min(args.micro_batch_size, args.batch_size // world)  # a memory knob, never an error
     Config.from_pretrained(args.model)  # a folder that is no checkpoint fails here, before any work
     resume_from = check_run_folder(args)
     torch.manual_seed(args.seed)
@@ -487,6 +541,9 @@ def train(args):
         print(f"{args.stage}: {described}; world {world} on {device}; steps {step} -> {args.max_steps}" +
               (f"; resumed from {resume_from}" if resume_from else ""))
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    if not resume_from:
+        cli.interrupt_note = (f"no checkpoint yet in {args.out} (one every --save-every {args.save_every} steps); "
+                              f"rerun the same command with --resume to start it again")
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=args.stage)
     t_start, first_step = time.perf_counter(), step
     while step < args.max_steps:
@@ -499,8 +556,8 @@ def train(args):
         dt = time.perf_counter() - t0
         row = {"step": step, **row, "lr": lr, "tokens_per_s": row["tokens"] / dt, "peak_mem_gib": peak_memory_gib(device)}
         eval_now = args.eval_every and (step % args.eval_every == 0 or step == args.max_steps)
-        if eval_now and args.stage == "sft":
-            row["heldout_loss"] = heldout_loss(model, run.heldout_rows, args, device, run.autocast)
+        if eval_now and args.stage == "sft" and run.heldout_rows:
+            row["heldout_loss"] = heldout_loss(model, run.heldout_rows, args, device, run.autocast, rank == 0)
         if eval_now and args.eval_data and rank == 0:
             row.update(benchmark_eval(model, tokenizer, args, step))
             model.train()
@@ -511,7 +568,8 @@ def train(args):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             if step % args.save_every == 0 or step == args.max_steps:
-                save_checkpoint(model, tokenizer, optimizer, step, args)
+                saved = save_checkpoint(model, tokenizer, optimizer, step, args)
+                cli.interrupt_note = f"the last checkpoint is {saved}; rerun the same command with --resume to continue"
         if dist.is_initialized():
             dist.barrier()
     if rank == 0:
@@ -519,10 +577,7 @@ def train(args):
         metrics.close()
         final = save_checkpoint(model, tokenizer, optimizer, step, args, out=os.path.join(args.out, "final"))
         print(f"final model: {final}")
-        try:
-            plot(args.out)
-        except SystemExit as e:
-            print(e)
+        plot(args.out)
     if dist.is_initialized():
         dist.destroy_process_group()
     return model
@@ -557,7 +612,7 @@ def benchmark_eval(model, tokenizer, args, step):
     model.eval()
     records = load_dataset(args.eval_data, args.data_dir, limit=args.eval_limit)
     s = evaluate(model, tokenizer, records, os.path.join(args.out, f"eval-{step:06d}"), max_new_tokens=args.eval_max_new_tokens,
-                 prompt=args.prompt, progress=False)
+                 prompt=args.prompt)
     return {f"eval_{args.eval_data}_accuracy": s["accuracy"], f"eval_{args.eval_data}_mean_length": s["mean_length"]}
 
 
@@ -623,8 +678,9 @@ def demo(args):
     from eval import evaluate, mean_ci95, read_samples
     from model import Tokenizer, Transformer
     out = args.out
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} exists: remove it or pass another --out")
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
+        raise FileExistsError(f"{out} is not empty: remove it or pass another --out")
+    cli.interrupt_note = f"the demo's partial run is in {out}; remove it to run the demo again"
     t0 = time.perf_counter()
     base = build_demo_model(os.path.join(out, "base"), args.seed)
     problems = arithmetic(args.demo_problems + args.demo_heldout, seed=args.seed, terms=10, digits=1)
@@ -665,7 +721,7 @@ def demo(args):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nheld-out synthetic arithmetic, {len(heldout)} problems, greedy ({summary['seconds']:.0f} s in all)")
-    print(f"| stage | accuracy | 95% CI | mean length | verifies |\n|---|---:|---:|---:|---:|")
+    print("| stage | accuracy | 95% CI | mean length | verifies |\n|---|---:|---:|---:|---:|")
     for stage, name in (("sft", "SFT"), ("rlsp", f"SFT + RLSP ({args.exploration})")):
         lo, hi = summary[f"{stage}_ci95"]
         print(f"| {name} | {summary[f'{stage}_accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] | "
@@ -678,14 +734,11 @@ def demo(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
-        plot(args.plot)
-        return None
+        return plot(args.plot)
     if not args.model and not args.dry_run:  # no model: the offline demo, the project's main job
-        if args.out == "runs/sft":
-            args.out = "runs/demo"
         return demo(args)
     return train(args)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

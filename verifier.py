@@ -13,7 +13,6 @@ unordered, tuples/points and intervals ordered with their brackets, matrices ele
 inequalities side by side); then numbers (exact for rationals, relative tolerance 1e-6, or 1e-4 when a
 decimal is written) and expressions (equal at random points of their free symbols).
 """
-import argparse
 import json
 import math
 import os
@@ -786,16 +785,19 @@ BEHAVIOURS = {
 
 # ----------------------------------------------------------------------------- CLI
 
-def main():
-    p = argparse.ArgumentParser(description="Grade a JSONL file of responses against gold answers.")
+def main(argv=None):
+    from cli import Parser, number, positive
+    p = Parser(description="Grade a JSONL file of responses against gold answers.")
     p.add_argument("file")
     p.add_argument("--response-field", default="response")
     p.add_argument("--answer-field", default="answer")
     p.add_argument("--mode", default="last_boxed", choices=sorted(MODES))
-    p.add_argument("--timeout", type=float, default=1.0, help="seconds per verdict")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--timeout", type=number(float, 0, low_open=True), default=1.0, help="seconds per verdict")
+    p.add_argument("--workers", type=positive, default=None, help="worker processes (default: the CPU count)")
     p.add_argument("--out", default=None, help="default: FILE with .verdicts.jsonl")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.file):
+        raise FileNotFoundError(f"{args.file} not found")
     rows = []
     with open(args.file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -804,10 +806,10 @@ def main():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                sys.exit(f"{args.file}:{n}: not valid JSON ({e.msg})")
+                raise ValueError(f"{args.file}:{n}: not valid JSON ({e.msg})") from None
             for k in (args.response_field, args.answer_field):
                 if not isinstance(row, dict) or k not in row:
-                    sys.exit(f"{args.file}:{n}: missing field {k!r}")
+                    raise ValueError(f"{args.file}:{n}: missing field {k!r}")
             rows.append(row)
     verdicts = grade_batch([r[args.response_field] for r in rows], [r[args.answer_field] for r in rows],
                            args.mode, args.workers, args.timeout)
@@ -822,5 +824,6 @@ def main():
 
 
 if __name__ == "__main__":
+    import cli
     import verifier  # run as the importable module, so worker processes can unpickle its functions
-    verifier.main()
+    cli.run(verifier.main)

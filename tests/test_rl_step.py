@@ -205,10 +205,10 @@ def test_kl_in_reward_is_the_trained_and_logged_reward(tiny_llama):
 @pytest.mark.parametrize("flags,message", [
     (["--group-size", "1"], "--advantage grpo needs --group-size >= 2"),
     (["--group-size", "1", "--advantage", "rloo"], "--advantage rloo needs --group-size >= 2"),
-    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "0"], "argument --temperature: must be a number > 0"),
     (["--kl-coef", "0.1", "--kl-estimator", "k1"], "--kl-estimator k1 in the loss has zero expected gradient"),
     (["--minibatches", "9", "--prompts-per-step", "2", "--group-size", "4"], "--minibatches 9 exceeds the 8"),
-    (["--micro-batch-tokens", "0"], "--micro-batch-tokens must be >= 1"),
+    (["--micro-batch-tokens", "0"], "argument --micro-batch-tokens: must be an integer >= 1"),
     (["--overlong-buffer", "64", "--max-new-tokens", "64"], "--overlong-buffer must be in"),
 ])
 def test_invalid_rl_flags_are_refused_at_start(tiny_llama, tmp_path, capsys, flags, message):

@@ -2,7 +2,6 @@
 checkpoints that transformers loads, the NaN stop and bad-input errors, dry-run and plots."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +41,7 @@ def test_sft_lowers_heldout_loss(tiny_llama, tmp_path):
                                 torch.device("cpu"), torch.autocast("cpu", enabled=False))
     assert held[-1] < before - 0.5, (before, held)
     assert sorted(os.listdir(tmp_path / "run")).count("final") == 1
-    assert any(f.startswith("plot_") and f.endswith(".png") for f in os.listdir(tmp_path / "run"))
+    assert os.path.isfile(tmp_path / "run" / "curves.png")
 
 
 def test_masked_loss_equals_hand_computation(tiny_qwen):
@@ -113,7 +112,8 @@ def test_interrupted_save_leaves_previous_checkpoint(tiny_llama, tmp_path):
 def test_torchrun_two_processes_match_one(tiny_llama, tmp_path):
     common = ["--max-steps", "4", "--save-every", "100"]
     train.main(args_for(tiny_llama, tmp_path / "one", *common))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: a rendezvous on a free local port, so two test runs on one machine cannot collide
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         os.path.join(ROOT, "train.py"), *args_for(tiny_llama, tmp_path / "two", *common)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -166,8 +166,6 @@ def test_bad_inputs(tiny_llama, tmp_path):
         train.main(args_for(tiny_llama, run, "--max-steps", "1", "--resume", "--lr", "0.1"))
     with pytest.raises(FileNotFoundError, match="holds no run"):
         train.main(args_for(tiny_llama, tmp_path / "new", "--resume"))
-    with pytest.raises(ValueError, match="must be a multiple of"):
-        train.main(args_for(tiny_llama, tmp_path / "d", "--batch-size", "7"))
 
 
 def test_dry_run_memory(tmp_path, capsys):
@@ -181,10 +179,10 @@ def test_dry_run_memory(tmp_path, capsys):
     train.main(["--model", str(tmp_path), "--dry-run", "--micro-batch-size", "1", "--seq-len", "4096", "--grad-checkpointing"])
     out = capsys.readouterr().out
     assert "8.03B parameters" in out and "a 80 GB card: does not fit" in out
-    n, parts = train.memory_estimate(Config.from_dict(cfg), train.parse_args(["--micro-batch-size", "1"]))
+    n, parts = train.memory_estimate(Config.from_dict(cfg), train.parse_args(["--model", str(tmp_path), "--micro-batch-size", "1"]))
     assert parts["AdamW moments (fp32)"] == 8 * n and n == 8_030_261_248  # Llama-3.1-8B's published count
 
 
 def test_plot_needs_metrics(tmp_path):
-    with pytest.raises(SystemExit, match="metrics.jsonl not found"):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
         train.plot(str(tmp_path))
