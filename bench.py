@@ -141,8 +141,8 @@ def bench_verifier(args):
     print(f"\n| {'verifier, MATH-500 references + mismatches':<44} | {'verdicts/s':>10} |\n|{'-' * 46}|{'-' * 12}|")
     for workers in (2, 1):
         seconds = timed(lambda: grade_batch(responses, golds, workers=workers), torch.device("cpu"), 3)
-        print(f"| {f'{workers} worker process' + ('es' if workers > 1 else '')} ({len(responses)} verdicts){'':<17} | "
-              f"{len(responses) / seconds:10.0f} |")
+        label = f"{workers} worker process{'es' if workers > 1 else ''} ({len(responses)} verdicts)"
+        print(f"| {label:<44} | {len(responses) / seconds:10.0f} |")
 
 
 def check_rl_memory_plan(args):

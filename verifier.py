@@ -52,17 +52,41 @@ def _braced(text, start):
     return None
 
 
-def boxed_answers(text):
-    """Contents of every \\boxed{...} / \\fbox{...} / `\\boxed x`, in order."""
-    out = []
+_BRACE = re.compile(r"\\[{}]|[{}]")
+
+
+def _closing_braces(text, start=0):
+    """{index of each '{' at or after `start`: index of its matching '}'} in one pass over the braces
+    alone (escaped \\{ \\} are literal), so that finding every box costs O(len(text)) even when boxes
+    nest thousands deep. (Braces before `start` cannot change how later ones pair.)"""
+    pairs, stack = {}, []
+    for m in _BRACE.finditer(text, start):
+        c = m.group()
+        if c == "{":
+            stack.append(m.start())
+        elif c == "}" and stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
+
+
+def boxed_spans(text):
+    """(start, end) of the contents of every \\boxed{...} / \\fbox{...} / `\\boxed x`, in order: positions,
+    not copies, so that thousands of nested boxes cost linear time."""
+    out, pairs = [], None
     for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{|[^\s{$\\])", text):
         if m.group(1) == "{":
-            inner = _braced(text, m.start(1))
-            if inner is not None:
-                out.append(inner)
+            pairs = _closing_braces(text, m.start(1)) if pairs is None else pairs
+            end = pairs.get(m.start(1))
+            if end is not None:
+                out.append((m.start(1) + 1, end))
         else:  # \boxed 2  (no braces): up to the next space or $
-            out.append(re.match(r"[^\s$]+", text[m.start(1):]).group(0))
+            out.append((m.start(1), m.start(1) + re.match(r"[^\s$]+", text[m.start(1):]).end()))
     return out
+
+
+def boxed_answers(text):
+    """Contents of every \\boxed{...} / \\fbox{...} / `\\boxed x`, in order."""
+    return [text[a:b] for a, b in boxed_spans(text)]
 
 
 _FINAL_ANSWER = re.compile(r"final answer is[:\s]*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
@@ -103,8 +127,8 @@ def extract_answer(text, mode="last_boxed", fallbacks=()):
     text = text[:MAX_RESPONSE_CHARS]
     for where in MODES[mode] + tuple(fallbacks):
         if where in ("last_boxed", "first_boxed"):
-            boxes = boxed_answers(text)
-            found = (boxes[-1] if where == "last_boxed" else boxes[0]) if boxes else None
+            spans = boxed_spans(text)
+            found = text[slice(*spans[-1 if where == "last_boxed" else 0])] if spans else None
         else:
             found = FALLBACKS[where](text)
         if found is not None:
@@ -136,39 +160,53 @@ UNITS = ("units?|square|sq|cubic|cm|centimeters?|mm|millimeters?|m|meters?|km|ki
          "yards?|miles?|mph|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|degrees?|"
          "dollars?|cents?|pounds?|lbs?|ounces?|oz|grams?|g|kg|kilograms?|liters?|litres?|l|ml|gallons?|people|"
          "students?|points?|ways?|times|percent|sq\\.?\\s*units?|sq\\.?\\s*ft|sq\\.?\\s*in")
-_UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{\s*(?:" + UNITS + r")(?:\s*\^?\{?[23]\}?)?\s*\}(?:\^\{?[23]\}?)?")
-_UNIT_WORD = re.compile(r"(?<=[\d}])\s*(?:" + UNITS + r")(?:\^?\{?[23]\}?)?\s*$")
+_UNITS = r"(?:" + UNITS + r")(?:\s+(?:per\s+)?(?:" + UNITS + r"))*"  # two-word and compound: square units, inches per second
+_UNIT_TEXT = re.compile(r"\\(?:text|textnormal|textbf|mbox|mathrm)\{\s*" + _UNITS + r"(?:\s*\^?\{?[23]\}?)?\s*\}(?:\^\{?[23]\}?)?")
+_UNIT_WORD = re.compile(r"(?<=[\d}])\s*" + _UNITS + r"(?:\^?\{?[23]\}?)?\s*$")
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"), None)  # zero-width characters
+_VARIABLE = r"[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+"
+_LABEL = rf"[a-zA-Z](?:_\{{?\w+\}}?)?(?:\([a-z]\))?|\\[a-zA-Z]+|\((?:(?:{_VARIABLE}),)+(?:{_VARIABLE})\)"  # x, f(x), (p,q)
 
 
 def normalize(s):
     """Canonical string form of an answer (MATH `strip_string` + Minerva's normalisation)."""
-    s = strip_wrappers(str(s))
+    s = strip_wrappers(str(s).translate(_INVISIBLE).replace("\u2212", "-").replace("\u2013", "-"))
     s = s.replace("\n", " ").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
     s = re.sub(r"\\(?:displaystyle|quad|qquad)(?![a-zA-Z])", " ", s)
-    s = re.sub(r"\\[dt]frac", r"\\frac", s).replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s).replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
+    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac 59, \frac 1 2
+    s = re.sub(r"\\frac\s+", r"\\frac", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree", "", s)
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
     s = _UNIT_TEXT.sub("", s)
     s = _UNIT_WORD.sub("", s)
-    s = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox|textit|operatorname)\{([^{}]*)\}", r"\1", s)
+    # "1 or 2", "1 \text{ and } 2", "1; 2": a list of solutions
+    s = re.sub(r"\\(?:text|textnormal|textbf|mbox|mathrm)\{\s*(?:or|and)\s*\}|(?<![a-zA-Z\\])(?:or|and)(?![a-zA-Z])|;",
+               ",", s)
+    s = re.sub(r"\\(?:text|textnormal|textbf|mathrm|mathbf|mbox|textit|operatorname)\{([^{}]*)\}", r"\1", s)
     s = s.replace("{,}", "")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
-    s = s.replace("\\le ", "\\leq ").replace("\\ge ", "\\geq ")
-    s = re.sub(r"\\(?:le|leq|leqslant)(?![a-zA-Z])", "≤", s)
-    s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])", "≥", s)
-    s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])", "≠", s)
+    s = re.sub(r"\\(?:le|leq|leqslant)(?![a-zA-Z])|<=", "≤", s)
+    s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])|>=", "≥", s)
+    s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])|!=", "≠", s)
+    s = re.sub(r"\\lt(?![a-zA-Z])", "<", s)
+    s = re.sub(r"\\gt(?![a-zA-Z])", ">", s)
     s = re.sub(r"([_^])(\w)\s+", r"\1{\2}", s)  # \log_2 8: the subscript is one character
     s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\0", s)  # keep "\cdot x" from becoming "\cdotx"
     s = re.sub(r"\s+", "", s).replace("\0", " ")
-    # a leading "x =" / "f(x)=" / "\theta =" when it is the answer's only equals sign
+    # a leading "x =" / "f(x)=" / "\theta =" / "(p,q) =" when it is the answer's only equals sign and what
+    # follows has no variable of its own (y = 2x+1 stays an equation: _equal compares it either way); "x \in"
     if s.count("=") == 1:
         lhs, rhs = s.split("=")
-        if re.fullmatch(r"[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-z]\))?|\\[a-zA-Z]+", lhs) and rhs:
+        if rhs and re.fullmatch(_LABEL, lhs) and not re.search(r"(?<![\\a-zA-Z])[a-zA-Z](?![a-zA-Z])", rhs):
             s = rhs
+    m = re.fullmatch(rf"(?:{_VARIABLE})\\in(.+)", s)
+    if m:
+        s = m.group(1)
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # thousands separators
         s = s.replace(",", "")
     s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
@@ -497,6 +535,8 @@ def _equal(a, b):
         return True
     if not a or not b:
         return False
+    if "\\pm" in a or "\\pm" in b or "\\mp" in a or "\\mp" in b:
+        a, b = _expand_pm(a), _expand_pm(b)
     ma, mb = _matrix(a), _matrix(b)
     if ma is not None or mb is not None:
         return (ma is not None and mb is not None and [len(r) for r in ma] == [len(r) for r in mb]
@@ -505,21 +545,73 @@ def _equal(a, b):
     if len(ua) > 1 or len(ub) > 1:
         return len(ua) == len(ub) and all(_equal(x, y) for x, y in zip(ua, ub))
     ea, eb = _enclosed(a), _enclosed(b)
-    if (ea and ea[0] == "\\{") != (eb and eb[0] == "\\{"):
-        return False  # a set never equals a non-set, not even {0} and 0
-    if ea and eb and (len(split_top(ea[1])) > 1 or ea[0] == "\\{"):
-        if ea[0] == "\\{" or eb[0] == "\\{":  # sets: unordered
-            return ea[0] == eb[0] == "\\{" and _unordered_equal(split_top(ea[1]), split_top(eb[1]))
-        xs, ys = split_top(ea[1]), split_top(eb[1])  # tuples, points, intervals: ordered, brackets matter
-        return (ea[0], ea[2]) == (eb[0], eb[2]) and len(xs) == len(ys) and all(map(_equal, xs, ys))
+    set_a, set_b = bool(ea and ea[0] == "\\{"), bool(eb and eb[0] == "\\{")
     la, lb = split_top(a), split_top(b)
+    if set_a != set_b:  # a set equals a list of two or more solutions, never a single value ({0} is not 0)
+        items, other = (split_top(ea[1]), lb) if set_a else (split_top(eb[1]), la)
+        return len(other) > 1 and _unordered_equal(items, other)
+    if ea and eb and (len(split_top(ea[1])) > 1 or set_a):
+        if set_a:  # sets: unordered
+            return _unordered_equal(split_top(ea[1]), split_top(eb[1]))
+        xs, ys = split_top(ea[1]), split_top(eb[1])  # tuples, points, intervals: ordered, brackets matter
+        if (ea[0], ea[2]) == (eb[0], eb[2]) and len(xs) == len(ys) and all(map(_equal, xs, ys)):
+            return True
+        interval = _as_interval(b if ea[0] + ea[2] in _INTERVAL_BRACKETS else a)
+        return interval is not None and _equal(interval, a if ea[0] + ea[2] in _INTERVAL_BRACKETS else b)
     if len(la) > 1 or len(lb) > 1:  # a list of solutions: unordered
         return _unordered_equal(la, lb)
+    for side, other in ((a, eb), (b, ea)):  # an inequality against the interval it describes
+        if other and other[0] + other[2] in _INTERVAL_BRACKETS and len(split_top(other[1])) == 2:
+            interval = _as_interval(side)
+            if interval is not None:
+                return _equal(interval, b if side is a else a)
     for ops in (("=",), ("≤", "≥", "<", ">", "≠")):
         sa, sb = _relation(a, ops), _relation(b, ops)
+        if ops == ("=",) and bool(sa) != bool(sb):  # y = 2x+1 against 2x+1: the labelled side's value
+            labelled = sa or sb
+            return bool(re.fullmatch(_LABEL, labelled[0])) and _equal(*((labelled[2], b) if sa else (a, labelled[2])))
         if sa or sb:
-            return bool(sa and sb) and sa[1] == sb[1] and _equal(sa[0], sb[0]) and _equal(sa[2], sb[2])
+            if not (sa and sb and sa[1] == sb[1]):
+                return False
+            return (_equal(sa[0], sb[0]) and _equal(sa[2], sb[2])) or _proportional(sa, sb)
     return _scalar_equal(a, b)
+
+
+def _expand_pm(s):
+    """`a \\pm b` as the list "a+b,a-b" (one \\pm or \\mp at most; else unchanged)."""
+    if s.count("\\pm") + s.count("\\mp") != 1:
+        return s
+    sign = ("+", "-") if "\\pm" in s else ("-", "+")
+    op = "\\pm" if "\\pm" in s else "\\mp"
+    return ",".join(s.replace(op, x, 1) for x in sign)
+
+
+_INTERVAL_BRACKETS = ("()", "[]", "(]", "[)")
+
+
+def _as_interval(s):
+    """The interval a one-variable inequality describes, as a normalised string: x<3 -> (-\\infty,3),
+    -2≤x≤7 -> [-2,7], 5>x -> (-\\infty,5); None for anything else."""
+    var = rf"(?:{_VARIABLE})"
+    low = {"<": "(", "≤": "["}
+    high = {"<": ")", "≤": "]"}
+    flip = {">": "<", "≥": "≤"}
+    m = re.fullmatch(rf"(.+?)([<≤>≥]){var}([<≤>≥])(.+)", s)
+    if m and (m.group(2) in low) == (m.group(3) in low):  # a chain, both one way
+        lo, op1, op2, hi = m.group(1), m.group(2), m.group(3), m.group(4)
+        if op1 in flip:
+            lo, hi, op1, op2 = hi, lo, flip[op2], flip[op1]
+        return f"{low[op1]}{lo},{hi}{high[op2]}"
+    m = re.fullmatch(rf"({var})([<≤>≥])(.+)|(.+?)([<≤>≥])({var})", s)
+    if not m:
+        return None
+    if m.group(1):
+        op, bound = m.group(2), m.group(3)
+    else:  # 3 > x reads x < 3
+        op, bound = {"<": ">", "≤": "≥", ">": "<", "≥": "≤"}[m.group(5)], m.group(4)
+    if op in low:
+        return f"(-\\infty,{bound}{high[op]}"
+    return f"{low[flip[op]]}{bound},\\infty)"
 
 
 def _relation(s, ops):
@@ -533,8 +625,59 @@ def _relation(s, ops):
     return None
 
 
+def _proportional(ra, rb):
+    """Two relations of the same kind whose sides differ, as the same relation: lhs - rhs of one is a
+    constant non-zero multiple of the other's (2x+4y-3=0 and y=-x/2+3/4), positive for < and ≤ (so -x<-1
+    is not x<1 but -x>-1 is). Checked at random points of the free symbols."""
+    import sympy
+    da = parse_latex(ra[0]) - parse_latex(ra[2])
+    db = parse_latex(rb[0]) - parse_latex(rb[2])
+    symbols = sorted(da.free_symbols | db.free_symbols, key=str)
+    if not symbols:
+        return False
+    rng = random.Random(1)
+    ratios = []
+    for _ in range(12):
+        point = {s: sympy.Rational(rng.randint(5, 25), 10) for s in symbols}
+        try:
+            u, v = complex(da.subs(point).evalf(30)), complex(db.subs(point).evalf(30))
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if abs(v) < 1e-9 or abs(u) < 1e-9:
+            continue
+        ratios.append(u / v)
+        if len(ratios) >= 5:
+            break
+    if len(ratios) < 3 or any(abs(r.imag) > 1e-9 for r in ratios):
+        return False
+    first = ratios[0].real
+    same = all(abs(r.real - first) <= 1e-6 * max(1.0, abs(first)) for r in ratios)
+    return same and (first > 0 or ra[1] in ("=", "≠"))
+
+
 def _has_decimal(s):
     return bool(re.search(r"\d\.\d", s))
+
+
+_DECIMAL = re.compile(r"-?\d*\.\d+")
+
+
+def _places(decimal):
+    return len(decimal.split(".")[1])
+
+
+def _rounds_to(decimal, value, value_text=None):
+    """A decimal someone wrote matches a value when the value, rounded to the decimal's number of places,
+    is that decimal: 0.3333 matches 1/3 and 3.14 matches pi, but 9999.857 does not match 10000 and
+    4.0000000001 does not match 4. (`value_text`: the value's own decimal form, when it has one.)"""
+    from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+    import sympy
+    places = _places(decimal)
+    try:
+        exact = Decimal(value_text) if value_text else Decimal(str(sympy.N(value, places + 25)))
+        return exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP) == Decimal(decimal)
+    except (InvalidOperation, ValueError, TypeError):
+        return False
 
 
 def _scalar_equal(a, b):
@@ -547,6 +690,11 @@ def _scalar_equal(a, b):
     x, y = parse_latex(a), parse_latex(b)
     if x.is_Rational and y.is_Rational and not (_has_decimal(a) or _has_decimal(b)):
         return x == y
+    da, db = _DECIMAL.fullmatch(a), _DECIMAL.fullmatch(b)
+    if (da or db) and x.is_number and y.is_number:  # a is the prediction, b the gold answer
+        if da and db:  # a rounded gold: the prediction may give more places, not fewer
+            return _places(a) >= _places(b) and _rounds_to(b, x, a)
+        return _rounds_to(a, y) if da else _rounds_to(b, x)
     tol = 1e-4 if _has_decimal(a) or _has_decimal(b) else 1e-6
     symbols = sorted(x.free_symbols | y.free_symbols, key=str)
     if not symbols:
@@ -584,16 +732,9 @@ def _close(x, y, tol):
 
 def is_equiv(pred, gold):
     """True when answer `pred` is mathematically equivalent to `gold` (both answer strings, not
-    responses). A gold answer that cannot be parsed matches only a textually identical prediction."""
-    if pred is None or gold is None:
-        return False
-    a, b = normalize(pred), normalize(gold)
-    if not b:
-        return False
-    try:
-        return _equal(a, b)
-    except (ParseError, RecursionError, TypeError, ValueError, ZeroDivisionError, AttributeError):
-        return False
+    responses). A gold answer that cannot be parsed matches only a textually identical prediction.
+    The same comparison as every verdict (see compare)."""
+    return compare(pred, gold).correct
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -606,19 +747,19 @@ class Verdict:
     reason: str = ""
 
 
-def _verdict(response, gold, mode="last_boxed"):
-    """The verdict computed in this process, with no time limit (grade() adds one)."""
-    gold = None if gold is None else str(gold)
-    if gold is None or not normalize(gold):
-        return Verdict(False, None, "unparseable", "empty or missing gold answer")
-    answer = extract_answer(response, mode)
+def compare(answer, gold):
+    """The verdict on an extracted answer against a gold answer: the one comparison behind grade,
+    grade_batch, is_equiv, eval.py and the RL reward (computed in this process, with no time limit)."""
+    b = None if gold is None else normalize(str(gold))
+    if not b:
+        return Verdict(False, answer, "unparseable", "empty or missing gold answer")
     if answer is None:
         return Verdict(False, None, "no_answer", "no answer found")
+    answer = str(answer)
     if len(answer) > MAX_BOXED_CHARS:
         return Verdict(False, answer[:200], "unparseable", f"answer longer than {MAX_BOXED_CHARS} characters")
     try:
-        a, b = normalize(answer), normalize(gold)
-        ok = _equal(a, b)
+        ok = _equal(normalize(answer), b)
         return Verdict(ok, answer, "correct" if ok else "incorrect")
     except ParseError as e:
         return Verdict(False, answer, "unparseable", str(e))
@@ -626,6 +767,11 @@ def _verdict(response, gold, mode="last_boxed"):
         return Verdict(False, answer, "unparseable", "nesting too deep")
     except Exception as e:  # sympy raises many kinds on odd input; none may crash a training run
         return Verdict(False, answer, "unparseable", f"{type(e).__name__}: {e}"[:200])
+
+
+def _verdict(response, gold, mode="last_boxed"):
+    """The verdict on a response, in this process, with no time limit (grade() adds one)."""
+    return compare(extract_answer(response, mode), gold)
 
 
 def _verdict_dict(response, gold, mode):
