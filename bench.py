@@ -6,6 +6,7 @@
 Three measurements, each printed as rlsp, transformers and the ratio: sampling (new tokens/s, every
 row forced to full length), prefill (prompt tokens/s) and a training forward+backward (tokens/s). A
 fourth compares RL rollouts of G samples per prompt with one prefill per group against G prefills.
+`--measures rlstep` times one whole RL step against TRL's GRPOTrainer on the same work (CPU, SmolLM2).
 On GPU the sampler is also reported as a fraction of the memory-bandwidth roofline: each decode step
 must at least read every weight and the KV cache written so far once.
 """
@@ -201,6 +202,150 @@ def check_rl_memory_plan(args):
               f"{est / gib / measured:.2f}")
 
 
+# ----------------------------------------------------------------------------- RL step vs TRL
+
+RL_STEP = dict(prompts=8, group=4, new_tokens=96, temperature=1.0, lr=1e-6, seed=0)  # the issue-16 setting
+
+
+def rl_step_problems(data_dir, steps):
+    """The GSM8K-train problems rlsp's train.py reads at steps 0..steps-1 (P per step), in that order, so
+    TRL can be given exactly the same ones (its sampler unshuffled)."""
+    import train
+    from data import load_dataset
+    records = load_dataset("gsm8k_train", data_dir)
+    return [records[i] for step in range(steps)
+            for i in train.step_rows(records, step, RL_STEP["prompts"], RL_STEP["seed"])]
+
+
+def rl_steps_ours(model, data_dir, steps, out):
+    """`steps` RL steps of train.py in a fresh process; per step (generation, training, total) seconds and
+    the new tokens it sampled, from its metrics.jsonl."""
+    import subprocess
+    import sys
+    c = RL_STEP
+    argv = ["--stage", "rl", "--model", model, "--data", "gsm8k_train", "--data-dir", data_dir,
+            "--prompts-per-step", str(c["prompts"]), "--group-size", str(c["group"]),
+            "--max-new-tokens", str(c["new_tokens"]), "--temperature", str(c["temperature"]), "--lr", str(c["lr"]),
+            "--seed", str(c["seed"]), "--advantage", "grpo", "--loss-agg", "token-mean", "--kl-coef", "0",
+            "--exploration", "none", "--ppo-epochs", "1", "--minibatches", "1", "--warmup-steps", "0",
+            "--grad-clip", "1.0", "--weight-decay", "0",
+            "--max-steps", str(steps), "--eval-every", "0", "--save-every", "1000000", "--out", out]
+    p = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"the rlsp RL run failed:\n{p.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["rollout_seconds"], r["train_seconds"], r["tokens"] / r["tokens_per_s"], r["tokens"]) for r in rows]
+
+
+def rl_steps_trl(model, data_dir, steps, out):
+    """The same steps with TRL's GRPOTrainer (no vLLM, fp32 on CPU): the same problems in the same order,
+    chat template, G, lengths, sampling, GRPO advantages (group std), token-mean loss (TRL's `dapo`), no KL,
+    one update per rollout batch, AdamW at the same learning rate and clip, and rlsp's outcome reward.
+    Generation is TRL's `_generate`; a step is the time between the trainer's step-begin and step-end
+    callbacks; training is the step minus generation and scoring (the rest of
+    `_generate_and_score_completions`). Runs in its own process (see bench_rl_step)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    import rlsp
+    from data import prompt_messages
+    from verifier import grade
+    c = RL_STEP
+    problems = rl_step_problems(data_dir, steps)
+    data = Dataset.from_list([{"prompt": prompt_messages(r.problem), "answer": r.answer} for r in problems])
+
+    def outcome(completions, answer, **kw):
+        return [rlsp.outcome_reward(grade(x[0]["content"], a)) for x, a in zip(completions, answer)]
+
+    config = GRPOConfig(output_dir=out, per_device_train_batch_size=c["prompts"] * c["group"],
+                        num_generations=c["group"], gradient_accumulation_steps=1,
+                        max_completion_length=c["new_tokens"],
+                        temperature=c["temperature"], top_p=1.0, top_k=0, beta=0.0, loss_type="dapo",
+                        scale_rewards="group", num_iterations=1, learning_rate=c["lr"], lr_scheduler_type="constant",
+                        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
+                        shuffle_dataset=False, bf16=False, use_cpu=True, report_to="none", logging_steps=1,
+                        save_strategy="no", seed=c["seed"], disable_tqdm=True)
+    times, marks = [], {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            marks.update(begin=time.perf_counter(), gen=0.0, score=0.0)
+
+        def on_step_end(self, *a, **kw):
+            total = time.perf_counter() - marks["begin"]
+            times.append((marks["gen"], total - marks["gen"] - marks["score"], total, marks["tokens"]))
+
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), reward_funcs=outcome,
+                          args=config, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model),
+                          callbacks=[Clock()])
+    generate, score = trainer._generate, trainer._generate_and_score_completions
+
+    def timed_generate(*a, **kw):
+        t0 = time.perf_counter()
+        out = generate(*a, **kw)
+        marks["gen"] += time.perf_counter() - t0
+        marks["tokens"] = sum(len(ids) for ids in out[1])  # out: prompt ids, completion ids, ...
+        return out
+
+    def timed_score(*a, **kw):
+        t0 = time.perf_counter()
+        out = score(*a, **kw)
+        marks["score"] += time.perf_counter() - t0 - marks["gen"]
+        return out
+
+    trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_score
+    trainer.train()
+    return times
+
+
+def bench_rl_step(args):
+    """One RL step of rlsp against one of TRL's GRPOTrainer on the same work (see rl_steps_trl), each side in
+    its own fresh process, alternating (rlsp, TRL, rlsp, TRL, ...) for `--repeats` rounds of `--rl-steps`
+    steps; the first step of a run is a warm-up, the others are averaged, and each side's fastest run is
+    reported. Training excludes generation and scoring (grading) on both sides; total is the whole step."""
+    import subprocess
+    import sys
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        sys.path.insert(0, "tests")
+        from conftest import smollm2_path
+        args.model = smollm2_path()
+    steps = args.rl_steps
+    best = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for side in ("rlsp", "trl"):
+                out = os.path.join(tmp, f"{side}-{r}")
+                if side == "rlsp":
+                    rows = rl_steps_ours(args.model, args.data_dir, steps, out)
+                else:
+                    code = ("import json, sys; sys.path.insert(0, '.'); import bench\n"
+                            "rows = bench.rl_steps_trl(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])\n"
+                            "print('ROWS', json.dumps(rows))")
+                    p = subprocess.run([sys.executable, "-c", code, args.model, args.data_dir, str(steps), out],
+                                       capture_output=True, text=True)
+                    if p.returncode:
+                        raise SystemExit(f"the TRL run failed:\n{p.stderr[-3000:]}")
+                    rows = json.loads(p.stdout.split("ROWS", 1)[1])
+                timed_rows = rows[1:] or rows
+                mean = [sum(x[k] for x in timed_rows) / len(timed_rows) for k in range(4)]
+                steps_text = [f"step {i + 1}: {g:.1f} + {t:.1f} = {tot:.1f} s ({n} tokens)"
+                              for i, (g, t, tot, n) in enumerate(rows)]
+                print(f"  {side} run {r + 1}: " + ", ".join(steps_text), flush=True)
+                if side not in best or mean[2] < best[side][2]:
+                    best[side] = mean
+    c = RL_STEP
+    print(f"\nRL step, {os.path.basename(os.path.normpath(args.model))} fp32, {device_name(torch.device('cpu'))}: "
+          f"{c['prompts']} GSM8K-train prompts x G={c['group']} x <= {c['new_tokens']} new tokens, temperature "
+          f"{c['temperature']}, GRPO, token-mean loss, no KL, one update")
+    print(f"| {'seconds per step':<16} | {'rlsp':>7} | {'TRL GRPOTrainer':>15} | {'ratio':>6} |")
+    print(f"|{'-' * 18}|{'-' * 9}|{'-' * 17}|{'-' * 8}|")
+    for k, name in enumerate(("generation", "training", "total")):
+        a, b = best["rlsp"][k], best["trl"][k]
+        print(f"| {name:<16} | {a:7.1f} | {b:15.1f} | {b / a:5.2f}x |")
+    print(f"| {'new tokens':<16} | {best['rlsp'][3]:7.0f} | {best['trl'][3]:15.0f} |        |")
+
+
 def bench_prefill(args, ours, ref, device):
     ids = torch.randint(0, ours.config.vocab_size, (args.prefill_batch, args.prefill_len), device=device)
     with torch.inference_mode():
@@ -305,21 +450,25 @@ def main(argv=None):
     p.add_argument("--train-len", type=positive, default=256)
     p.add_argument("--group-prompts", type=positive, default=4, help="rollout bench: prompts (each sampled G times)")
     p.add_argument("--group-size", type=positive, default=8, help="rollout bench: G, samples per prompt")
+    p.add_argument("--rl-steps", type=positive, default=2, help="rlstep: steps per run (the first is a warm-up)")
     p.add_argument("--measures", default="sampling,prefill,train,rollout",
                    help="which measurements to run; `memory` alone checks the RL memory plan on CPU instead, "
-                        "`verifier` alone measures the verifier's verdicts/s")
+                        "`verifier` alone measures the verifier's verdicts/s, `rlstep` alone compares one RL step "
+                        "with TRL's GRPOTrainer (CPU, SmolLM2; --repeats rounds)")
     p.add_argument("--data-dir", default=os.environ.get("RLSP_DATA_DIR", os.path.join("..", "shared", "data")))
     args = p.parse_args(argv)
     measures = set(args.measures.split(","))
-    if not measures <= {"sampling", "prefill", "train", "rollout"} and args.measures not in ("memory", "verifier"):
-        p.error(f"--measures takes sampling, prefill, train, rollout (comma-separated), or memory or verifier "
-                f"alone (got {args.measures!r})")
+    if not measures <= {"sampling", "prefill", "train", "rollout"} and args.measures not in ("memory", "verifier", "rlstep"):
+        p.error(f"--measures takes sampling, prefill, train, rollout (comma-separated), or memory, verifier or "
+                f"rlstep alone (got {args.measures!r})")
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: expected cpu, or cuda[:N] where torch sees a CUDA device")
     if args.measures == "memory":
         return check_rl_memory_plan(args)
     if args.measures == "verifier":
         return bench_verifier(args)
+    if args.measures == "rlstep":
+        return bench_rl_step(args)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)

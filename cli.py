@@ -71,7 +71,8 @@ def run(main, argv=None):
     except USER_ERRORS as e:
         if debug:
             raise
-        line, code = f"error: {e}", 1
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""  # torchrun
+        line, code = f"error: {rank}{e}", 1
     # Printed after the except block, when the failed frames are gone and any progress bar in them has
     # drawn its last state: the message stays the last line on the terminal.
     print(line, file=sys.stderr)

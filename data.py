@@ -209,39 +209,76 @@ def render_prompt(tokenizer, problem, prompt="paper"):
 
 # ----------------------------------------------------------------------------- SFT
 
-def sft_example(tokenizer, messages, response):
-    """(ids, mask): the prompt rendered with the generation prompt, then the assistant turn, tokenized
-    separately so the split is exactly where the sampler starts generating. mask is 1 on the assistant
-    tokens up to and including the first stop token (what the model must learn to produce), else 0."""
-    prompt_text = tokenizer.render_chat(messages, add_generation_prompt=True)
-    full_text = tokenizer.render_chat(messages + [{"role": "assistant", "content": response}],
-                                      add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the full conversation; "
-                         "rlsp cannot tell which tokens are the assistant's")
-    prompt_ids = tokenizer.encode(prompt_text)
-    reply_ids = tokenizer.encode(full_text[len(prompt_text):])
+def sft_example(tokenizer, messages, response=None):
+    """(ids, mask) of a conversation (`response`: a last assistant turn to add): what the chat template
+    renders, tokenized piece by piece so that each assistant turn starts exactly where the sampler
+    starts generating (after the template's generation prompt). mask is 1 on every assistant turn's
+    tokens up to and including its first stop token (what the model must learn to produce), else 0;
+    the ids end at the last assistant turn's stop token."""
+    if response is not None:
+        messages = messages + [{"role": "assistant", "content": response}]
     stops = set(tokenizer.stop_token_ids)
-    end = next((i + 1 for i, t in enumerate(reply_ids) if t in stops), len(reply_ids))
-    reply_ids = reply_ids[:end]
-    return prompt_ids + reply_ids, [0] * len(prompt_ids) + [1] * len(reply_ids)
+    ids, mask, done, last = [], [], "", 0
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.render_chat(messages[:k], add_generation_prompt=True)
+        through = tokenizer.render_chat(messages[:k + 1], add_generation_prompt=False)
+        if not (before.startswith(done) and through.startswith(before)):
+            raise ValueError("the chat template does not render each assistant turn as a continuation of the "
+                             "conversation before it (with its generation prompt); rlsp cannot tell which tokens "
+                             "are the assistant's")
+        context, reply = tokenizer.encode(before[len(done):]), tokenizer.encode(through[len(before):])
+        end = next((i + 1 for i, t in enumerate(reply) if t in stops), len(reply))
+        ids += context + reply
+        mask += [0] * len(context) + [1] * end + [0] * (len(reply) - end)
+        done, last = through, len(ids) - len(reply) + end
+    return ids[:last], mask[:last]
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def conversation(row, where, prompt="paper", prompt_field="prompt", response_field="response"):
+    """One JSONL row as chat messages: `messages` ([{"role", "content"}], system / user / assistant,
+    any number of turns), ShareGPT `conversations` ([{"from", "value"}], human / gpt / system), or a
+    (prompt, response) pair in `prompt_field` / `response_field` (the prompt through `prompt`, as for RL).
+    `where` (file:line) starts every error."""
+    if "messages" in row or "conversations" in row:
+        sharegpt = "messages" not in row
+        turns, role_key, text_key = (row["conversations"], "from", "value") if sharegpt else (row["messages"], "role", "content")
+        roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ("system", "user", "assistant")}
+        field_name = "conversations" if sharegpt else "messages"
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: '{field_name}' must be a non-empty list of turns")
+        messages = []
+        for j, t in enumerate(turns):
+            if not isinstance(t, dict) or t.get(role_key) not in roles or not isinstance(t.get(text_key), str):
+                raise ValueError(f"{where}: '{field_name}'[{j}]: expected {{{role_key!r}: one of {sorted(roles)}, "
+                                 f"{text_key!r}: text}}, got {json.dumps(t)[:120]}")
+            messages.append({"role": roles[t[role_key]], "content": t[text_key]})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where}: no assistant turn to learn from")
+        return messages
+    if prompt_field in row and response_field in row:
+        return prompt_messages(row[prompt_field], prompt) + [{"role": "assistant", "content": row[response_field]}]
+    raise ValueError(f"{where}: expected 'messages', 'conversations' or the fields {prompt_field!r} and "
+                     f"{response_field!r} (--prompt-field / --response-field); the row has {sorted(row)}")
 
 
 def demonstrations(name="math_train", data_dir=None, prompt="paper", limit=None,
                    prompt_field="prompt", response_field="response"):
-    """(messages, response) pairs: MATH train problems with their reference solutions, or any JSONL of
-    (prompt, response) pairs."""
+    """Conversations to learn from (chat messages with at least one assistant turn): MATH train problems
+    with their reference solutions, or a JSONL file of rows in any form `conversation` reads."""
     if name in DATASETS:
-        return [(prompt_messages(r.problem, prompt), r.meta["solution"])
+        return [prompt_messages(r.problem, prompt) + [{"role": "assistant", "content": r.meta["solution"]}]
                 for r in load_dataset(name, data_dir, limit=limit) if r.meta.get("solution")]
-    pairs = []
+    out = []
     for n, row in read_jsonl(name):
-        if prompt_field not in row or response_field not in row:
-            raise ValueError(f"{name}:{n}: expected fields {prompt_field!r} and {response_field!r}")
-        pairs.append((prompt_messages(row[prompt_field], prompt), row[response_field]))
-        if limit and len(pairs) >= limit:
+        out.append(conversation(row, f"{name}:{n}", prompt, prompt_field, response_field))
+        if limit and len(out) >= limit:
             break
-    return pairs
+    return out
 
 
 def pack(examples, seq_len, pad_id):

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 
 import cli
 from data import load_dataset
-from verifier import BEHAVIOURS, grade_batch, normalize
+from verifier import BEHAVIOURS, grade_batch, normalize, split_thinking
 
 REPEAT_NGRAM = 10  # words; a response "repeats" when some 10-word n-gram occurs 3+ times
 
@@ -93,6 +93,10 @@ def summarize(samples, mode="strict"):
     lengths = [s["num_tokens"] for s in samples]
     out["mean_length"] = sum(lengths) / len(lengths)
     out["median_length"] = statistics.median(lengths)
+    think = [s.get("think_tokens", 0) for s in samples]
+    if any(think):  # a reasoning model's <think> block and the answer after it, separately
+        out["mean_think_length"] = sum(think) / len(think)
+        out["mean_answer_length"] = out["mean_length"] - out["mean_think_length"]
     out["truncation_rate"] = sum(not s["finished"] for s in samples) / len(samples)
     out["no_answer_rate"] = sum(s[f"status_{mode}"] == "no_answer" for s in samples) / len(samples)
     out["status_counts"] = dict(Counter(s[f"status_{mode}"] for s in samples))
@@ -143,8 +147,10 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
                     for m in ("strict", "paper")}
         lines = []
         for i, ((r, k), c, text) in enumerate(zip(batch, outs, responses)):
+            thinking = split_thinking(text)[0]
             s = {"id": r.id, "sample": k, "prompt": tokenizer.decode(c.prompt_ids), "response": text, "answer": r.answer,
                  "num_tokens": len(c.tokens), "finished": c.finished, "seconds": share,
+                 "think_tokens": min(len(c.tokens), len(tokenizer.encode(thinking))) if thinking else 0,
                  "level": r.meta.get("level"), "subject": r.meta.get("subject")}
             for m, vs in verdicts.items():
                 s[f"extracted_{m}"], s[f"status_{m}"], s[f"correct_{m}"] = vs[i].answer, vs[i].status, vs[i].correct
@@ -189,10 +195,14 @@ def compare(run_a, run_b):
     if not paired:
         raise ValueError(f"{run_a} and {run_b} share no problems (different datasets?): nothing to compare")
     rows = [("accuracy_strict", "accuracy (strict)"), ("accuracy_paper", "accuracy (paper)"),
-            ("mean_length", "mean length"), ("truncation_rate", "truncation rate"), ("no_answer_rate", "no-answer rate")]
+            ("mean_length", "mean length"), ("mean_think_length", "mean thinking length"),
+            ("mean_answer_length", "mean answer length"), ("truncation_rate", "truncation rate"),
+            ("no_answer_rate", "no-answer rate")]
     print(f"{'':24s} {os.path.basename(os.path.normpath(run_a)):>14s} {os.path.basename(os.path.normpath(run_b)):>14s} {'B - A':>10s}")
     for key, label in rows:
-        print(f"{label:24s} {A[key]:14.4f} {B[key]:14.4f} {B[key] - A[key]:+10.4f}")
+        if key in A or key in B:  # thinking lengths: reasoning models only
+            a, b = A.get(key, 0.0), B.get(key, 0.0)
+            print(f"{label:24s} {a:14.4f} {b:14.4f} {b - a:+10.4f}")
     diff, ci = mean_ci95(paired)
     verdict = "exceeds the noise" if ci[0] > 0 or ci[1] < 0 else "within the noise"
     print(f"paired difference ({mode}) on {len(paired)} problems: {diff:+.4f}, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]: {verdict}")
@@ -279,7 +289,9 @@ def main(argv=None):
     lo, hi = s["ci95"]
     print(f"{args.data}: accuracy ({args.extract}) {s['accuracy']:.4f} [95% CI {lo:.4f}, {hi:.4f}] | "
           f"strict {s['accuracy_strict']:.4f} paper {s['accuracy_paper']:.4f} | n={s['n_problems']} x {s['samples_per_problem']} | "
-          f"mean length {s['mean_length']:.0f} | truncated {s['truncation_rate']:.3f} | no answer {s['no_answer_rate']:.3f}")
+          f"mean length {s['mean_length']:.0f}" +
+          (f" (thinking {s['mean_think_length']:.0f}, answer {s['mean_answer_length']:.0f})" if "mean_think_length" in s else "") +
+          f" | truncated {s['truncation_rate']:.3f} | no answer {s['no_answer_rate']:.3f}")
     print(f"summary: {os.path.join(out, 'summary.json')}")
     return s
 

@@ -1,4 +1,4 @@
-"""Llama / Qwen2 decoder in plain PyTorch: HF checkpoint load/save, tokenizer + chat template,
+"""Llama / Qwen2 / Qwen3 decoder in plain PyTorch: HF checkpoint load/save, tokenizer + chat template,
 a static KV cache and a batched sampler.
 
 The module tree and tensor names are Hugging Face's (`model.layers.N.self_attn.q_proj.weight`, ...)
@@ -8,6 +8,7 @@ Attention goes through `scaled_dot_product_attention` (flash / memory-efficient 
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -17,9 +18,10 @@ import safetensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SafetensorError = getattr(safetensors, "SafetensorError", RuntimeError)  # a bad file's error (own class since 0.4)
-ROPE_TYPES = ("default", "llama3", "linear")
+ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+KEEP_LOGITS_BYTES = 2**30  # the log-prob head keeps its fp32 logits for backward up to this size (token_logprobs)
 
 
 # ----------------------------------------------------------------------------- config
@@ -39,6 +41,7 @@ class Config:
     rope_theta: float = 10000.0
     rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3", "factor": 32.0, ...}
     attention_bias: bool = False  # q/k/v bias: always on for Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     tie_word_embeddings: bool = False
     raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on save
 
@@ -69,10 +72,12 @@ class Config:
             head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, rms_norm_eps=d["rms_norm_eps"],
             max_position_embeddings=d.get("max_position_embeddings", 2048), rope_theta=float(theta),
             rope_scaling=rope, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)), raw=dict(d))
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM", raw=dict(d))
 
     @classmethod
     def from_pretrained(cls, path):
+        path = local_folder(path, ["config.json"])  # a hub id: --dry-run needs no weights
         file = os.path.join(path, "config.json")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model folder {path!r} does not exist")
@@ -80,6 +85,43 @@ class Config:
             raise FileNotFoundError(f"{file} not found: a model folder needs a Hugging Face config.json")
         with open(file) as f:
             return cls.from_dict(json.load(f), source=file)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+
+
+def local_folder(model, files=HUB_FILES):
+    """A model folder on disk: `model` itself, or for a hub id (`org/name`, `org/name@revision`) the
+    folder its `files` (patterns; all checkpoint files by default) are downloaded to once, in the
+    Hugging Face cache (HF_HOME; HF_ENDPOINT for a mirror, HF_TOKEN for gated models, HF_HUB_OFFLINE=1
+    to use only the cache). Later calls read the cache (online: after one metadata request)."""
+    if os.path.exists(model) or not HUB_ID.fullmatch(model):
+        return model
+    repo, _, revision = model.partition("@")
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError:
+        raise ValueError(f"{model!r} is no folder here; to download it from the Hugging Face hub, "
+                         f"pip install huggingface_hub") from None
+    where = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        return huggingface_hub.snapshot_download(repo, revision=revision or None, allow_patterns=list(files))
+    except errors.RevisionNotFoundError:
+        raise ValueError(f"{model}: the hub ({where}) has no revision {revision!r} of {repo}") from None
+    except errors.RepositoryNotFoundError:  # gated or private repos answer the same
+        raise ValueError(f"{model!r}: no such folder here, and no model {repo} on the hub ({where}) that this "
+                         f"account may read (a gated or private one needs `hf auth login` or HF_TOKEN)") from None
+    except errors.LocalEntryNotFoundError:
+        hub = huggingface_hub.constants
+        why = "HF_HUB_OFFLINE is set" if hub.HF_HUB_OFFLINE else "no connection"
+        raise ValueError(f"{model!r}: no such folder here, not in the Hugging Face cache ({hub.HF_HUB_CACHE}), and the "
+                         f"hub ({where}) cannot be reached ({why}); download it where there is a connection "
+                         f"(`hf download {repo}`) into a shared HF_HOME, or pass a local folder") from None
+    except errors.HfHubHTTPError as e:
+        raise ValueError(f"{model}: the hub ({where}) answered: {str(e).splitlines()[0]}") from None
 
 
 def rope_frequencies(cfg: Config):
@@ -95,7 +137,40 @@ def rope_frequencies(cfg: Config):
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif s["rope_type"] == "yarn":  # YaRN (Qwen2.5 / Qwen3 long context): blend by wavelength, as transformers
+        d, factor = cfg.head_dim, yarn_factor(cfg)
+        old = s.get("original_max_position_embeddings") or cfg.max_position_embeddings
+
+        def dim_of(rotations):  # the dimension whose wavelength fits `rotations` times into `old` positions
+            return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        lo, hi = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / ((hi - lo) or 0.001)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     return inv_freq.float()
+
+
+def yarn_factor(cfg: Config):
+    s = cfg.rope_scaling
+    return s.get("factor") or cfg.max_position_embeddings / s["original_max_position_embeddings"]
+
+
+def rope_attention_factor(cfg: Config):
+    """YaRN's scale on cos and sin (1 for every other rope type): `attention_factor`, else from the factor."""
+    s = cfg.rope_scaling
+    if s["rope_type"] != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    factor = yarn_factor(cfg)
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+    return mscale(factor)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -121,7 +196,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.dtype == x.dtype == torch.float32 \
-                and Linear.packable and not torch.is_autocast_enabled("cpu"):  # autocast: F.linear runs it in bf16
+                and self.packable and not torch.is_autocast_enabled("cpu"):  # autocast: F.linear runs it in bf16
             w = self.packed_weight()
             if w is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
@@ -163,24 +238,37 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None, prefix=None):
+        """`cache`: decoding buffers, written at cache_pos. `prefix`: keys/values of a shared prompt (training,
+        see Transformer.continuation_logprobs), attended before this call's own; returns (out, own k, v) then."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = self.q_proj(x).view(B, T, self.n_heads, self.hd), self.k_proj(x).view(B, T, self.n_kv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        own = k, v
         if cache is not None:  # write this step's keys/values at cache_pos, attend over the whole cache
             cache[0].index_copy_(2, cache_pos, k)
             cache[1].index_copy_(2, cache_pos, v)
             k, v = cache
         gqa = self.n_kv != self.n_heads
+        if prefix is not None and prefix[0] is not None:
+            k, v = torch.cat((prefix[0], k), 2), torch.cat((prefix[1], v), 2)
+            if gqa and k.is_cuda:  # a mask with enable_gqa leaves only the math kernel on CUDA: expand instead
+                k, v = (t.repeat_interleave(self.n_heads // self.n_kv, 1) for t in (k, v))
+                gqa = False
         if isinstance(mask, list):  # decoding, rows in groups: rows a:b attend to keys s: onward (generate)
             y = torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b, :, s:], v[a:b, :, s:], attn_mask=m,
                                                           enable_gqa=gqa) for a, b, s, m in mask])
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return y if prefix is None else (y, *own)
 
 
 class MLP(nn.Module):
@@ -202,9 +290,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None, prefix=None):
+        if prefix is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        y, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix=prefix)
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
 class Decoder(nn.Module):  # HF's `model.` prefix
@@ -224,61 +316,115 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.rope_scale = rope_attention_factor(cfg)
         self.gradient_checkpointing = False
 
-    def hidden_states(self, input_ids, positions=None, mask=None, caches=None, cache_pos=None):
+    def hidden_states(self, input_ids, positions=None, mask=None, caches=None, cache_pos=None, prefix=None):
         """Final-norm hidden states B x T x D. `positions` (B x T) default to 0..T-1; `mask` is a
         boolean B x 1 x T x S attention mask (None: causal), or a list of row groups (a, b, s, mask of
-        rows a:b over keys s:) when decoding; `caches` are per-layer (k, v) buffers."""
+        rows a:b over keys s:) when decoding; `caches` are per-layer (k, v) buffers. `prefix` (training):
+        per-layer (k, v) of a prompt that these tokens continue, attended before their own, or
+        (None, None) per layer for the prompt itself; then each layer's own (k, v) are returned too."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         freqs = positions[..., None].float() * self.inv_freq  # B x T x hd/2, in fp32 like HF
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        kv = []
         for i, layer in enumerate(self.model.layers):
             cache = None if caches is None else caches[i]
+            extra = () if prefix is None else (prefix[i],)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, None, *extra,
+                                                      use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, cache_pos)
-        return self.model.norm(x)
+                x = layer(x, cos, sin, mask, cache, cache_pos, *extra)
+            if prefix is not None:
+                x, k, v = x
+                kv.append((k, v))
+        return self.model.norm(x) if prefix is None else (self.model.norm(x), kv)
 
-    def forward(self, input_ids, positions=None, mask=None, targets=None, temperature=1.0):
-        """Logits B x T x V in fp32; with `targets`, their log-probs B x T instead (see logprobs)."""
+    def forward(self, input_ids, positions=None, mask=None, targets=None, temperature=1.0, continuations=None,
+                prompt_of=None):
+        """Logits B x T x V in fp32; with `targets`, their log-probs B x T instead (see logprobs); with
+        `continuations`, input_ids is a list of prompts and the result continuation_logprobs'."""
+        if continuations is not None:
+            return self.continuation_logprobs(input_ids, continuations, prompt_of, temperature)
         if targets is not None:
             return self.logprobs(input_ids, targets, temperature, positions=positions, mask=mask)
         return self.lm_head(self.hidden_states(input_ids, positions, mask)).float()
 
     def logprobs(self, input_ids, targets, temperature=1.0, chunk_tokens=2048, positions=None, mask=None):
-        """log softmax(logits / temperature) at `targets` (B x T), in fp32, without ever holding the
-        B x T x V fp32 logits: the vocabulary projection runs over about `chunk_tokens` tokens (B rows x
-        chunk_tokens / B positions) at a time and, when gradients are on, is recomputed in backward, so
-        memory is one chunk (chunk_tokens x V x 4 bytes, times ~3 for softmax temporaries) at any length."""
+        """log softmax(logits / temperature) at `targets` (B x T), in fp32 (see token_logprobs)."""
         h = self.hidden_states(input_ids, positions, mask)
-        chunk = max(1, chunk_tokens // h.shape[0])
+        return self.token_logprobs(h.flatten(0, 1), targets.flatten(), temperature, chunk_tokens).view(targets.shape)
+
+    def token_logprobs(self, h, targets, temperature=1.0, chunk_tokens=2048, keep_bytes=KEEP_LOGITS_BYTES):
+        """log softmax(lm_head(h) / temperature) at `targets`, for flat hidden states h (N x D), in fp32,
+        `chunk_tokens` rows at a time, never holding more than one chunk's temporaries. With gradients on,
+        the chunks' fp32 logits are kept for backward when all N x V of them fit `keep_bytes` (the
+        projection runs once); beyond that each chunk is recomputed in backward (twice, but memory stays
+        one chunk at any length: 16k tokens x a 152k vocabulary would be 9.3 GiB)."""
+        V = self.lm_head.weight.shape[0]
+        recompute = torch.is_grad_enabled() and h.shape[0] * V * 4 > keep_bytes
 
         def chunk_logprobs(hc, tc):
-            logits = self.lm_head(hc).float() / temperature
-            return logits.gather(-1, tc[..., None]).squeeze(-1) - logits.logsumexp(-1)
+            logits = self.lm_head(hc).float()
+            if temperature != 1.0:  # a pass over N x V floats saved at T = 1
+                logits = logits / temperature
+            return logits.gather(-1, tc[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
         out = []
-        for s in range(0, h.shape[1], chunk):
-            hc, tc = h[:, s:s + chunk], targets[:, s:s + chunk]
-            if torch.is_grad_enabled():
+        for s in range(0, h.shape[0], chunk_tokens):
+            hc, tc = h[s:s + chunk_tokens], targets[s:s + chunk_tokens]
+            if recompute:
                 out.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, hc, tc, use_reentrant=False))
             else:
                 out.append(chunk_logprobs(hc, tc))
-        return torch.cat(out, dim=1)
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+    def continuation_logprobs(self, prompts, continuations, prompt_of, temperature=1.0, chunk_tokens=2048):
+        """log p(token | prompt, the continuation's earlier tokens) / temperature-scaled, of every token of
+        every continuation, flat (continuation 0's tokens, then 1's, ...). Continuation i follows
+        prompts[prompt_of[i]]; each prompt runs once however many continuations share it (a prompt pass
+        keeps every layer's keys and values; the continuation rows attend to their prompt's, then causally
+        to their own), and the vocabulary projection runs only where a continuation token is predicted.
+        Equal to one pass over each prompt + continuation (test)."""
+        dev = self.inv_freq.device
+        P, R = max(map(len, prompts)), max(map(len, continuations)) - 1  # a last token is only a target
+        p_len = torch.tensor([len(p) for p in prompts], device=dev)
+        p_ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)  # right-padded: causal suffices
+        h, kv = self.hidden_states(p_ids, prefix=[(None, None)] * len(self.model.layers))
+        flat = [h[torch.arange(len(prompts), device=dev), p_len - 1]]  # each prompt's last position
+        index = []  # where each continuation token's hidden state sits in cat(flat)
+        for i, c in enumerate(continuations):
+            index += [prompt_of[i]] * bool(c) + [len(prompts) + i * R + j for j in range(len(c) - 1)]
+        if R > 0:
+            g = torch.tensor(prompt_of, device=dev)
+            c_ids = torch.tensor([c[:-1] + [0] * (R + 1 - len(c)) for c in continuations], device=dev)
+            positions = p_len[g][:, None] + torch.arange(R, device=dev)
+            prompt_keys = (torch.arange(P, device=dev) < p_len[g][:, None])[:, None, None, :].expand(-1, 1, R, P)
+            own_keys = torch.ones(R, R, dtype=torch.bool, device=dev).tril().expand(len(continuations), 1, R, R)
+            mask = torch.cat((prompt_keys, own_keys), dim=-1)
+            hc, _ = self.hidden_states(c_ids, positions, mask, prefix=[(k[g], v[g]) for k, v in kv])
+            flat.append(hc.flatten(0, 1))
+        targets = torch.tensor([t for c in continuations for t in c], device=dev)
+        h = torch.cat(flat)[torch.tensor(index, dtype=torch.long, device=dev)]
+        return self.token_logprobs(h, targets, temperature, chunk_tokens)
 
     # ------------------------------------------------------------------------- HF checkpoints
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
-        """Load a HF Llama / Qwen2 folder (`model.safetensors` or shards listed in
+        """Load a HF Llama / Qwen2 / Qwen3 folder (`model.safetensors` or shards listed in
         `model.safetensors.index.json`). Tensors stream from disk straight into the module in
         `dtype` (default fp32 on CPU, bf16 on GPU): no second full copy is ever held."""
+        path = local_folder(path)
         cfg = Config.from_pretrained(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -316,11 +462,12 @@ class Transformer(nn.Module):
         model.inv_freq = rope_frequencies(cfg).to(device)
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, state=None):
         """Write config.json + safetensors in HF layout (sharded with an index above `max_shard_bytes`),
-        loadable by transformers, vLLM and `Transformer.from_pretrained`."""
+        loadable by transformers, vLLM and `Transformer.from_pretrained`. `state`: the full state dict to
+        write instead of the module's own (a sharded model's, gathered; see fsdp.full_state)."""
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or self.state_dict()).items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
         shards, size = [{}], 0
@@ -343,7 +490,7 @@ class Transformer(nn.Module):
             with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         raw = dict(self.config.raw) or {"architectures": [self.config.architecture]}
-        raw["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        raw["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(raw, f, indent=2)
 
@@ -374,7 +521,8 @@ def parameter_count(cfg: Config):
     h, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     bias = (q + 2 * kv) if cfg.attention_bias else 0
-    return V * h * (1 if cfg.tie_word_embeddings else 2) + L * (h * (q + 2 * kv) + bias + q * h + 3 * h * I + 2 * h) + h
+    norms = 2 * h + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    return V * h * (1 if cfg.tie_word_embeddings else 2) + L * (h * (q + 2 * kv) + bias + q * h + 3 * h * I + norms) + h
 
 
 def activation_bytes(cfg: Config, tokens, checkpointing=False, elem=2):
@@ -388,14 +536,25 @@ def activation_bytes(cfg: Config, tokens, checkpointing=False, elem=2):
     return tokens * (L * 4 * h + per_layer) if checkpointing else tokens * L * per_layer
 
 
+def gathered_bytes(cfg: Config, dtype_bytes=2):
+    """FSDP's full copies while computing: two decoder blocks (the current one and the next, prefetched)
+    and the root's embedding, head and final norm, gathered in the compute dtype."""
+    h, I = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    block = h * (q + 2 * kv) + q * h + 3 * h * I + 2 * h
+    return dtype_bytes * (2 * block + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2))
+
+
 def kv_cache_bytes(cfg: Config, rows, length, dtype_bytes=2):
     """The sampler's static KV cache: keys and values of every layer for rows x length positions."""
     return 2 * cfg.num_hidden_layers * rows * length * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
 
 
-def logits_chunk_bytes(cfg: Config, chunk_tokens=2048):
-    """One chunk of `Transformer.logprobs`: fp32 logits of chunk_tokens positions and ~2 temporaries."""
-    return chunk_tokens * cfg.vocab_size * 4 * 3
+def logits_chunk_bytes(cfg: Config, chunk_tokens=2048, tokens=None):
+    """The log-prob head (`Transformer.token_logprobs`) over `tokens` positions: one chunk's fp32 logits and
+    ~2 temporaries, plus every chunk's logits kept for backward where they fit KEEP_LOGITS_BYTES."""
+    kept = (tokens or 0) * cfg.vocab_size * 4
+    return chunk_tokens * cfg.vocab_size * 4 * 3 + (kept if kept <= KEEP_LOGITS_BYTES else 0)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -414,7 +573,7 @@ class Tokenizer:
 
     def __init__(self, path):
         from tokenizers import Tokenizer as HFTokenizer
-        self.path = path
+        path = self.path = local_folder(path, TOKENIZER_FILES)
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} not found: rlsp needs a fast-tokenizer tokenizer.json")

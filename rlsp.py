@@ -188,9 +188,9 @@ class RolloutWeights:
     step bumps it), so sampling never streams fp32 master weights: half the memory traffic per token,
     for one extra copy of 2 bytes per parameter."""
 
-    def __init__(self, model, dtype):
-        self.model, self.copy, self.versions = model, None, None
-        if dtype != next(model.parameters()).dtype:
+    def __init__(self, model, dtype, sharded=False):
+        self.model, self.copy, self.versions, self.sharded = model, None, None, sharded
+        if dtype != next(model.parameters()).dtype or sharded:  # sharded (FSDP): the full weights, gathered
             from model import Transformer
             with torch.device("meta"):
                 self.copy = Transformer(model.config).to(dtype)
@@ -202,6 +202,10 @@ class RolloutWeights:
     def __call__(self):
         if self.copy is None:
             return self.model
+        if self.sharded:  # once per call: every rank gathers, then samples from its own full copy
+            from fsdp import gather_into
+            gather_into(self.copy, self.model)
+            return self.copy
         versions = [p._version for p in self.model.parameters()]
         if versions != self.versions:
             with torch.no_grad():
@@ -232,8 +236,11 @@ def outcome_reward(verdict, no_answer=-0.5):
 
 def length_before_box(text, n_tokens, tokenizer):
     """L: tokens before the first \\boxed{} (released code: talk after the answer earns nothing);
-    the whole response when there is no box."""
-    i = text.find("\\boxed")
+    the whole response when there is no box. A reasoning model's thinking block counts in full: the
+    box looked for is the first one after `</think>`."""
+    from verifier import split_thinking
+    thinking = split_thinking(text)[0]
+    i = text.find("\\boxed", len(thinking))
     return n_tokens if i < 0 else max(1, len(tokenizer.encode(text[:i])))
 
 
@@ -452,17 +459,25 @@ def needs_old_pass(s):
     return s.ppo_epochs * s.minibatches > 1 or (s.kl_coef > 0 and s.kl_placement == "reward")
 
 
-def micro_batches(lengths, budget):
-    """Indices cut into micro-batches of similar length (sorted longest first), each with rows x its
-    longest length <= `budget` tokens (a longer sequence goes alone): right-padding wastes little, and
-    memory is bounded by the budget, not by the minibatch."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out = []
+def micro_batches(shapes, budget):
+    """Indices of episodes cut into micro-batches, each costing <= `budget` tokens of compute (an episode
+    costing more goes alone). `shapes` are (prompt key, prompt length, response length); a micro-batch
+    computes each distinct prompt once (right-padded to its longest prompt) and its responses
+    right-padded to the longest: cost = prompts x longest prompt + responses x longest response.
+    Episodes go longest response first (ties: in order, so a group's episodes stay together), so
+    padding wastes little and memory is bounded by the budget, not by the minibatch."""
+    order = sorted(range(len(shapes)), key=lambda i: -shapes[i][2])
+    out, prompts = [], []
     for i in order:
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
-            out[-1].append(i)
-        else:
-            out.append([i])
+        key, p, n = shapes[i]
+        if out:
+            ps = prompts[-1] | {key: p}
+            if len(ps) * max(ps.values()) + (len(out[-1]) + 1) * shapes[out[-1][0]][2] <= budget:
+                out[-1].append(i)
+                prompts[-1] = ps
+                continue
+        out.append([i])
+        prompts.append({key: p})
     return out
 
 
@@ -485,32 +500,25 @@ def update_plan(episodes, s):
         mb = range(a, min(n, a + size))
         parts = []
         for subset in ([i for i in mb if not inert[i]], [i for i in mb if inert[i]]):
-            lengths = [len(episodes[i].prompt_ids) + len(episodes[i].tokens) for i in subset]
-            parts += [[subset[j] for j in part] for part in micro_batches(lengths, s.micro_batch_tokens)]
+            shapes = [(episodes[i].group, len(episodes[i].prompt_ids), len(episodes[i].tokens)) for i in subset]
+            parts += [[subset[j] for j in part] for part in micro_batches(shapes, s.micro_batch_tokens)]
         plan.append(parts)
     return plan
 
 
-def episode_batch(episodes, pad_id, device):
-    """Right-padded prompt + response ids, their targets, and a mask over the response positions (the
-    sampler's own tokens). Padding only follows real tokens, so causal attention needs no mask."""
-    T = max(len(e.prompt_ids) + len(e.tokens) for e in episodes)
-    ids = torch.full((len(episodes), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(episodes), T - 1, dtype=torch.bool)
-    for i, e in enumerate(episodes):
-        p, n = len(e.prompt_ids), len(e.tokens)
-        ids[i, :p + n] = torch.tensor(e.prompt_ids + e.tokens)
-        mask[i, p - 1:p - 1 + n] = True
-    return ids[:, :-1].to(device), ids[:, 1:].to(device), mask.to(device)
-
-
-def response_logprobs(model, episodes, s, autocast, device, pad_id):
-    """log pi(token | prefix) / temperature-scaled, of every response token of `episodes`, flat:
-    episode 0's tokens, then episode 1's, ... (the order of the True entries of the mask)."""
-    x, y, mask = episode_batch(episodes, pad_id, device)
+def response_logprobs(model, episodes, s, autocast):
+    """log pi(token | prompt, earlier tokens) / temperature-scaled, of every response token of `episodes`,
+    flat: episode 0's tokens, then episode 1's, ... The episodes of a group share one prompt pass, and
+    the vocabulary is projected only at response positions (Transformer.continuation_logprobs; through
+    the module's forward, so that DDP sees the call)."""
+    prompts, first = [], {}
+    for e in episodes:
+        first.setdefault(e.group, len(prompts))
+        if first[e.group] == len(prompts):
+            prompts.append(e.prompt_ids)
     with autocast:
-        logp = model(x, targets=y, temperature=s.temperature)
-    return logp[mask]
+        return model(prompts, continuations=[e.tokens for e in episodes],
+                     prompt_of=[first[e.group] for e in episodes], temperature=s.temperature)
 
 
 def policy_logprobs(run, episodes, plan, s, model=None):
@@ -520,11 +528,23 @@ def policy_logprobs(run, episodes, plan, s, model=None):
     model = model or run.model
     out = [None] * len(episodes)
     with torch.no_grad():
-        for part in (p for parts in plan for p in parts):
-            flat = response_logprobs(model, [episodes[i] for i in part], s, run.autocast, run.device,
-                                     run.tokenizer.pad_token_id)
-            for i, lp in zip(part, flat.split([len(episodes[i].tokens) for i in part])):
+        for part, real in balanced([p for parts in plan for p in parts], run):
+            flat = response_logprobs(model, [episodes[i] for i in part], s, run.autocast)
+            for i, lp in zip(part, flat.split([len(episodes[i].tokens) for i in part]) if real else ()):
                 out[i] = lp
+    return out
+
+
+def balanced(parts, run):
+    """(part, real) for each micro-batch to run. With sharded weights (FSDP) every forward gathers weights
+    together with the other ranks, so every rank must run as many as the busiest one: the rest are
+    repeats of the last part whose results are dropped (`real` False). Otherwise just the parts."""
+    out = [(p, True) for p in parts]
+    if getattr(run, "sharded", False):
+        import torch.distributed as dist
+        n = torch.tensor(len(parts), device=run.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        out += [(parts[-1], False)] * (int(n) - len(parts))
     return out
 
 
@@ -576,21 +596,25 @@ def update_policy(run, episodes, plan, adv, old_logp, ref_logp, s, optimizer_ste
             w = dict(zip(mb, token_weights([lengths[i] for i in mb], [keep[i] for i in mb], s.loss_agg,
                                            s.max_new_tokens)))
             work = [p for p in parts if kl_loss or any(w[i] and adv[i] for i in p)] or parts[:1]  # >= 1 backward
+            passes = balanced(work, run)
             loss_sum = 0.0
-            for k, idx in enumerate(work):
+            for k, (idx, real) in enumerate(passes):
                 def per_token(values):
                     return torch.cat([torch.full((lengths[i],), float(values[i]), device=run.device) for i in idx])
 
-                last = k == len(work) - 1  # DDP all-reduces the accumulated gradient on the last backward only
+                last = k == len(passes) - 1  # DDP all-reduces the accumulated gradient on the last backward only
                 with (run.ddp.no_sync() if hasattr(run.ddp, "no_sync") and not last else nullcontext()):
-                    logp = response_logprobs(run.ddp, [episodes[i] for i in idx], s, run.autocast, run.device,
-                                             run.tokenizer.pad_token_id)
+                    logp = response_logprobs(run.ddp, [episodes[i] for i in idx], s, run.autocast)
                     old = torch.cat([old_logp[i] for i in idx]) if old_logp else logp.detach()
                     weight = per_token(w)
                     loss, clipped = policy_loss(logp, old, per_token(adv), weight, s.clip_low, s.clip_high)
                     if kl_loss:
                         kl = kl_terms(logp, torch.cat([ref_logp[i] for i in idx]), s.kl_estimator)
                         loss = loss + s.kl_coef * (kl * weight).sum()
+                    if not real:  # an FSDP rank's extra pass (see balanced): the collectives, no gradient
+                        (loss * 0.0).backward()
+                        continue
+                    if kl_loss:
                         st["kl"] += kl.detach().sum().item()
                     loss.backward()
                 loss_sum += loss.item()
@@ -657,10 +681,12 @@ def write_episodes(path, episodes, step):
 
 def setup(run, s, records, model_path, out_dir, resume=False, filter_solved=False, judge=None,
           rollout_dtype=torch.float32, compute_dtype=None):
-    """Attach what the step needs to `run`: the problems (minus those the start model solves greedily
-    with --filter-solved; their ids are kept in OUT/problems.json and reused on --resume, so a resumed
-    run trains on the same problems), the judge, the frozen reference model (only when a KL term is
-    used; see reference_model), and the rollout weights."""
+    """Attach what the step needs to `run`: the rollout weights, the problems (minus those the start
+    model solves greedily with --filter-solved; their ids are kept in OUT/problems.json and reused on
+    --resume, so a resumed run trains on the same problems), the judge, and the frozen reference model
+    (only when a KL term is used; see reference_model; sharded too when the policy is)."""
+    sharded = getattr(run, "sharded", False)
+    run.rollout = RolloutWeights(run.model, rollout_dtype, sharded)
     path = os.path.join(out_dir, "problems.json")
     if filter_solved:
         if resume:
@@ -679,8 +705,14 @@ def setup(run, s, records, model_path, out_dir, resume=False, filter_solved=Fals
     if not records:
         raise ValueError("no training problems left")
     run.records, run.judge = records, judge
-    run.ref = reference_model(model_path, run.device, compute_dtype) if s.kl_coef > 0 else None
-    run.rollout = RolloutWeights(run.model, rollout_dtype)
+    if s.kl_coef > 0:
+        if sharded:
+            from fsdp import load_sharded
+            run.ref = load_sharded(model_path, run.device).requires_grad_(False)
+        else:
+            run.ref = reference_model(model_path, run.device, compute_dtype)
+    else:
+        run.ref = None
     return records
 
 
@@ -704,11 +736,11 @@ def solved_filter(run, records, s, batch=64):
     """The records the model does not solve greedily (the paper's RL set: MATH train minus what the SFT
     model already solves). Ranks split the work and share the kept ids."""
     import torch.distributed as dist
-    keep = []
+    keep, weights = [], run.rollout()  # the sampler's weights (gathered once when sharded)
     for i in range(run.rank * batch, len(records), batch * run.world):
         chunk = records[i:i + batch]
         eps = [Episode(r, x.prompt_ids, x.tokens, x.logprobs, x.finished, x.text, j) for j, (r, x) in enumerate(
-            zip(chunk, sample(run.model, run.tokenizer, [r.problem for r in chunk], 1, s.max_new_tokens,
+            zip(chunk, sample(weights, run.tokenizer, [r.problem for r in chunk], 1, s.max_new_tokens,
                               temperature=0, prompt=s.prompt)))]
         grade_episodes(eps)
         keep += [e.record.id for e in eps if not e.verdict.correct]
@@ -724,23 +756,29 @@ def solved_filter(run, records, s, batch=64):
 
 # ----------------------------------------------------------------------------- memory plan
 
-def memory_estimate(cfg, s, prompts_per_step, grad_checkpointing, gpu=True, prompt_tokens=512, chunk_tokens=2048):
-    """Bytes per GPU of the RL stage, by part, with DDP (every rank holds the whole model):
+def memory_estimate(cfg, s, prompts_per_step, grad_checkpointing, gpu=True, prompt_tokens=512, chunk_tokens=2048,
+                    shards=1):
+    """Bytes per GPU of the RL stage, by part. With DDP (`shards` 1) every rank holds the whole model:
     always held: fp32 weights and AdamW moments; on GPU the bf16 rollout copy; with a KL term the
     reference (bf16 Linear weights + fp32 embeddings on GPU, see reference_model; fp32 on CPU);
     while sampling: the KV cache of prompts x group rows x (prompt + max_new_tokens) in the rollout
     dtype, and the sampler's fp32 logits;
     while training: fp32 gradients, the activations of one micro-batch (bf16 autocast on GPU, fp32 on
-    CPU), one log-prob chunk.
+    CPU), the log-prob head (model.logits_chunk_bytes).
+    With FSDP over `shards` GPUs the fp32 weights, gradients, AdamW moments and the (fp32) reference are
+    split `shards` ways; the rollout copy stays whole (the sampler reads every weight each token); the
+    blocks being computed are gathered (model.gathered_bytes).
     Peak = held + the larger of the two phases."""
-    from model import activation_bytes, kv_cache_bytes, logits_chunk_bytes, parameter_count
+    from model import activation_bytes, gathered_bytes, kv_cache_bytes, logits_chunk_bytes, parameter_count
     n, embed = parameter_count(cfg), cfg.vocab_size * cfg.hidden_size
     rows, length = prompts_per_step * s.group_size, prompt_tokens + s.max_new_tokens
     micro = max(s.micro_batch_tokens, length)
     elem = 2 if gpu else 4
-    held = {"weights (fp32)": 4 * n, "AdamW moments (fp32)": 8 * n, "rollout weights (bf16)": 2 * n if gpu else 0,
-            "reference model": (2 * n + 2 * embed if gpu else 4 * n) if s.kl_coef > 0 else 0}
+    ref = (4 * n / shards if shards > 1 else 2 * n + 2 * embed if gpu else 4 * n) if s.kl_coef > 0 else 0
+    held = {"weights (fp32)": 4 * n / shards, "AdamW moments (fp32)": 8 * n / shards,
+            "rollout weights (bf16)": 2 * n if gpu else 4 * n if shards > 1 else 0, "reference model": ref}
     sampling = {"KV cache": kv_cache_bytes(cfg, rows, length, elem), "sampler logits (fp32)": rows * cfg.vocab_size * 4 * 3}
-    training = {"gradients (fp32)": 4 * n, "activations": activation_bytes(cfg, micro, grad_checkpointing, elem),
-                "log-prob chunk": logits_chunk_bytes(cfg, chunk_tokens)}
+    training = {"gradients (fp32)": 4 * n / shards, "activations": activation_bytes(cfg, micro, grad_checkpointing, elem),
+                "log-prob head": logits_chunk_bytes(cfg, chunk_tokens, micro),
+                "gathered blocks": gathered_bytes(cfg, elem) if shards > 1 else 0}
     return n, held, sampling, training

@@ -17,12 +17,14 @@ written to a temporary folder and renamed; `--resume` continues exactly.
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
 import random
 import shutil
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -35,8 +37,9 @@ DEFAULTS = dict(stage="sft", data="math_train", prompt="paper", seq_len=2048, ba
                 epochs=None, save_every=200, keep=2, heldout=64, eval_every=100, seed=0)
 # Arguments that define a run: resuming with different values would silently train something else.
 # (Memory knobs such as --micro-batch-size / --micro-batch-tokens are not: they leave the gradient unchanged.)
-RUN_IDENTITY = ("stage", "model", "data", "prompt", "limit", "seq_len", "batch_size", "lr", "min_lr_ratio",
-                "warmup_steps", "weight_decay", "grad_clip", "max_steps", "heldout", "seed", "prompts_per_step",
+RUN_IDENTITY = ("stage", "model", "data", "prompt", "prompt_field", "response_field", "limit", "seq_len",
+                "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "max_steps", "heldout",
+                "seed", "prompts_per_step",
                 "filter_solved", "judge_model", "rollout_dtype",
                 *(f.name for f in dataclasses.fields(rlsp.Settings) if f.name != "micro_batch_tokens"))
 
@@ -52,8 +55,11 @@ def parser():
     g.add_argument("--stage", default=DEFAULTS["stage"], choices=["sft", "rl"], help="training stage")
     g.add_argument("--model", help="HF model folder to start from (without it: the demo)")
     g.add_argument("--data", default=DEFAULTS["data"],
-                   help="SFT: math_train (its solutions) or a JSONL of (prompt, response) pairs; RL: a dataset "
-                        "name (math_train, gsm8k_train, ...) or a JSONL of (problem, answer)")
+                   help="SFT: math_train (its solutions) or a JSONL of chat `messages`, ShareGPT `conversations` "
+                        "or (prompt, response) pairs; RL: a dataset name (math_train, gsm8k_train, ...) or a JSONL "
+                        "of (problem, answer)")
+    g.add_argument("--prompt-field", default="prompt", help="SFT pairs: the prompt's field")
+    g.add_argument("--response-field", default="response", help="SFT pairs: the response's field (QwQ traces: qwq)")
     g.add_argument("--data-dir", default=None, help="dataset folder (default $RLSP_DATA_DIR, else download)")
     g.add_argument("--prompt", default=DEFAULTS["prompt"], help="paper | boxed | a template with {problem}")
     g.add_argument("--limit", type=positive, default=None, help="use only the first N demonstrations / problems")
@@ -64,6 +70,9 @@ def parser():
     g.add_argument("--seq-len", type=number(int, 2), default=DEFAULTS["seq_len"], help="SFT: tokens per packed row")
     g.add_argument("--batch-size", type=positive, default=DEFAULTS["batch_size"],
                    help="SFT: rows per optimizer step (global)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and AdamW state over the ranks (FSDP2; under torchrun with 2+ "
+                        "processes)")
     g.add_argument("--micro-batch-size", type=positive, default=DEFAULTS["micro_batch_size"],
                    help="SFT: rows per forward pass (memory only; at most the rows per GPU)")
     g.add_argument("--lr", type=number(float, 0, low_open=True), default=DEFAULTS["lr"], help="peak learning rate")
@@ -128,8 +137,16 @@ def parser():
                    help="steps between held-out / benchmark evals (0 = never)")
     g.add_argument("--eval-data", default=None, help="also run eval.py's benchmark eval (e.g. math500)")
     g.add_argument("--eval-limit", type=positive, default=100)
+    g.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log every metrics row to this wandb project (WANDB_MODE=offline works; "
+                        "pip install wandb)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write every metrics row as TensorBoard scalars to OUT/tensorboard "
+                        "(pip install tensorboard)")
     g.add_argument("--eval-max-new-tokens", type=positive, default=1024)
     g.add_argument("--dry-run", action="store_true", help="print the memory the run needs per GPU and exit")
+    g.add_argument("--dry-run-gpus", type=positive, default=None,
+                   help="--dry-run: plan for this many GPUs (default: the torchrun world size, else 1)")
     g.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl and exit")
     g = p.add_argument_group("the demo (python train.py with no --model)")
     g.add_argument("--demo-problems", type=number(int, 4), default=20000, help="synthetic problems: half SFT, half RL")
@@ -139,7 +156,10 @@ def parser():
     g.add_argument("--demo-rl-lr", type=number(float, 0, low_open=True), default=1e-4)
     g.add_argument("--demo-rl-temperature", type=number(float, 0, low_open=True), default=1.0,
                    help="sampling temperature (paper: 0.7)")
-    g.add_argument("--demo-mix", default="direct:2,steps:1,checked:1",
+    g.add_argument("--demo-sft", metavar="DEMO_OUT", default=None,
+                   help="start RL from that finished demo's SFT model instead of training SFT again (the same "
+                        "--seed, --demo-mix and SFT flags give the same model): compare --exploration values")
+    g.add_argument("--demo-mix", default="direct:3,steps:1,checked:1",
                    help="demonstration styles and weights: direct (box only), steps, checked (steps + verify)")
     g.add_argument("--demo-length-c", type=number(float, 0), default=16.0,
                    help="C for 64-token responses: the paper's 1000 for 4096 tokens, scaled (1000 * 64 / 4096)")
@@ -164,6 +184,15 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: this torch build sees no CUDA device (torch.cuda.is_available() is False)")
     if args.out is None:
         args.out = os.path.join("runs", "demo" if not args.model else args.stage)
+    if args.fsdp and not args.dry_run and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        p.error("--fsdp shards over the processes of torchrun: run it as torchrun --nproc_per_node N train.py ... "
+                "with N >= 2 (one process has nothing to shard over)")
+    if args.fsdp and args.eval_data:
+        p.error("--eval-data with --fsdp: the in-loop benchmark eval runs on rank 0 alone; evaluate the saved "
+                "checkpoints with eval.py instead")
+    for flag, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+            p.error(f"--{flag} needs the {package} package: pip install {package}")
     if args.micro_batch_tokens is None:
         on_gpu = args.dry_run or (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         args.micro_batch_tokens = 16384 if on_gpu else 4096  # --dry-run plans for a GPU
@@ -203,10 +232,11 @@ def all_reduce_sum(x):
 def build_rows(args, tokenizer):
     """Packed training rows and held-out rows (the first `--heldout` demonstrations)."""
     from data import demonstrations, pack, sft_example
-    demos = demonstrations(args.data, args.data_dir, prompt=args.prompt, limit=args.limit)
+    demos = demonstrations(args.data, args.data_dir, prompt=args.prompt, limit=args.limit,
+                           prompt_field=args.prompt_field, response_field=args.response_field)
     if len(demos) <= args.heldout:
         raise ValueError(f"{args.data}: {len(demos)} demonstrations, but --heldout {args.heldout} needs more than that")
-    examples = [sft_example(tokenizer, m, r) for m, r in demos]
+    examples = [sft_example(tokenizer, messages) for messages in demos]
     heldout = pack(examples[:args.heldout], args.seq_len, tokenizer.pad_token_id)
     train = pack(examples[args.heldout:], args.seq_len, tokenizer.pad_token_id)
     return train, heldout
@@ -277,22 +307,45 @@ def checkpoints(out):
                   and os.path.isfile(os.path.join(out, d, "trainer.pt")))
 
 
-def save_checkpoint(model, tokenizer, optimizer, step, args, out=None):
+def save_checkpoint(run, tokenizer, optimizer, step, args, out=None):
     """RUN_DIR/step-NNNNNN: HF model + tokenizer files + trainer state, written under a .tmp name and
-    renamed, so an interrupted save never replaces a good checkpoint. Keeps the last --keep."""
+    renamed, so an interrupted save never replaces a good checkpoint. Keeps the last --keep. Every rank
+    calls it: with --fsdp the weights are gathered to rank 0 for the HF files and each rank writes its
+    shards of the weights and AdamW state (`sharded/`) and its random state (`rng-R.pt`); without,
+    rank 0 writes everything."""
     final = out or os.path.join(args.out, f"step-{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out is None:
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
-                    "rng_python": random.getstate(), "args": vars(args)}, os.path.join(tmp, "trainer.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if out is None:
-        for old in checkpoints(args.out)[:-args.keep]:
-            shutil.rmtree(os.path.join(args.out, old))
+    state = {"step": step, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(), "args": vars(args),
+             "world": run.world, "fsdp": args.fsdp}
+    if args.fsdp:
+        import fsdp
+        if run.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        full = fsdp.full_state(run.model)
+        if out is None:
+            fsdp.save_state(run.model, optimizer, os.path.join(tmp, "sharded"))
+            torch.save({k: state.pop(k) for k in ("rng_torch", "rng_python")}, fsdp.rank_file(tmp, run.rank))
+        dist.barrier()
+    elif run.rank != 0:
+        return final
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = None
+        state["optimizer"] = optimizer.state_dict()
+    if run.rank == 0:
+        run.model.save_pretrained(tmp, state=full)
+        tokenizer.save_pretrained(tmp)
+        if out is None:
+            torch.save(state, os.path.join(tmp, "trainer.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if out is None:
+            for old in checkpoints(args.out)[:-args.keep]:
+                shutil.rmtree(os.path.join(args.out, old))
+    if args.fsdp:
+        dist.barrier()  # nobody reads or writes the run folder until rank 0 has renamed
     return final
 
 
@@ -308,7 +361,7 @@ def check_run_folder(args):
     with open(saved) as f:
         old = json.load(f)
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}" for k in RUN_IDENTITY
-               if old.get(k) != getattr(args, k)]
+               if k in old and old[k] != getattr(args, k)]  # a flag newer than the run: not known there
     if changed:
         raise ValueError(f"--resume with arguments that differ from the run in {args.out}: {'; '.join(changed)}")
     found = checkpoints(args.out)
@@ -317,15 +370,19 @@ def check_run_folder(args):
 
 # ----------------------------------------------------------------------------- memory estimate
 
-def memory_estimate(cfg, args):
-    """SFT bytes per GPU: fp32 weights, gradients and AdamW moments (DDP replicates them on every GPU),
-    bf16 activations of one micro-batch, the packed rows' attention mask and one log-prob chunk."""
-    from model import activation_bytes, logits_chunk_bytes, parameter_count
+def memory_estimate(cfg, args, shards=1):
+    """SFT bytes per GPU: fp32 weights, gradients and AdamW moments (DDP replicates them on every GPU;
+    FSDP splits them `shards` ways and gathers the blocks it computes), bf16 activations of one
+    micro-batch, the packed rows' attention mask and the log-prob head."""
+    from model import activation_bytes, gathered_bytes, logits_chunk_bytes, parameter_count
     n = parameter_count(cfg)
     tokens = args.micro_batch_size * args.seq_len
-    return n, {"weights (fp32)": 4 * n, "gradients (fp32)": 4 * n, "AdamW moments (fp32)": 8 * n,
+    return n, {"weights (fp32)": 4 * n / shards, "gradients (fp32)": 4 * n / shards,
+               "AdamW moments (fp32)": 8 * n / shards,
+               "gathered blocks (bf16)": gathered_bytes(cfg) if shards > 1 else 0,
                "activations (bf16)": activation_bytes(cfg, tokens, args.grad_checkpointing),
-               "attention mask": args.micro_batch_size * args.seq_len ** 2, "log-prob chunk": logits_chunk_bytes(cfg)}
+               "attention mask": args.micro_batch_size * args.seq_len ** 2,
+               "log-prob head": logits_chunk_bytes(cfg, tokens=tokens)}
 
 
 def dry_run(args, world):
@@ -334,15 +391,18 @@ def dry_run(args, world):
     cfg = Config.from_pretrained(args.model)
     gib = 2 ** 30
     ckpt = ", gradient checkpointing" if args.grad_checkpointing else ""
+    gpus = args.dry_run_gpus or world
+    shards = gpus if args.fsdp else 1
+    how = f"FSDP over {gpus} GPUs shards model and optimizer" if args.fsdp else "DDP replicates model and optimizer"
     if args.stage == "sft":
-        n, parts = memory_estimate(cfg, args)
-        print(f"{args.model}: {n / 1e9:.2f}B parameters; SFT per GPU (DDP replicates model and optimizer), "
+        n, parts = memory_estimate(cfg, args, shards)
+        print(f"{args.model}: {n / 1e9:.2f}B parameters; SFT per GPU ({how}), "
               f"micro-batch {args.micro_batch_size} x {args.seq_len}{ckpt}:")
         phases = [("", parts)]
     else:
         n, held, sampling, training = rlsp.memory_estimate(cfg, rlsp.Settings.from_args(args), args.prompts_per_step,
-                                                           args.grad_checkpointing)
-        print(f"{args.model}: {n / 1e9:.2f}B parameters; RL per GPU (DDP replicates model and optimizer), "
+                                                           args.grad_checkpointing, shards=shards)
+        print(f"{args.model}: {n / 1e9:.2f}B parameters; RL per GPU ({how}), "
               f"{args.prompts_per_step} x {args.group_size} rollouts of 512 + {args.max_new_tokens} tokens, "
               f"micro-batches of {args.micro_batch_tokens} tokens{ckpt}:")
         phases = [("held", held), ("while sampling", sampling), ("while training", training)]
@@ -437,7 +497,7 @@ def sft_step(run, args, step):
         batch = to_batch([run.train_rows[i] for i in mine[m:m + args.micro_batch_size]], run.device)
         last = m + args.micro_batch_size >= per_rank
         # DDP averages gradients over ranks; scaling by world makes that the global token mean.
-        with (run.ddp.no_sync() if run.world > 1 and not last else contextlib.nullcontext()):
+        with (run.ddp.no_sync() if hasattr(run.ddp, "no_sync") and not last else contextlib.nullcontext()):
             nll = token_losses(run.ddp, batch, run.autocast)
             loss = (nll * batch[2]).sum() / max(global_targets, 1)
             (loss * run.world).backward()
@@ -477,7 +537,11 @@ def rl_step(run, args, step):
 def optimizer_update(run, args, step, loss):
     """Clip, check, step, zero; returns the gradient norm. A non-finite loss or gradient stops the run,
     naming the step and the last good checkpoint (nothing non-finite is ever applied or saved)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip).item()
+    if args.fsdp:
+        import fsdp
+        grad_norm = fsdp.grad_norm(run.model, args.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip).item()
     bad = [k for k, v in (("loss", loss), ("gradient norm", grad_norm)) if not math.isfinite(v)]
     if bad:
         last_good = checkpoints(args.out)
@@ -511,7 +575,11 @@ def train(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = Tokenizer.from_pretrained(args.model)
-    model = Transformer.from_pretrained(resume_from or args.model, device=device, dtype=torch.float32)  # fp32 master
+    if args.fsdp:  # fp32 master weights sharded over the ranks; rank 0 alone reads the checkpoint
+        import fsdp
+        model = fsdp.load_sharded(resume_from or args.model, device)
+    else:
+        model = Transformer.from_pretrained(resume_from or args.model, device=device, dtype=torch.float32)  # fp32 master
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
@@ -519,12 +587,19 @@ def train(args):
     step = 0
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer.pt"), map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("world", world) != world or bool(state.get("fsdp")) != args.fsdp:
+            raise ValueError(f"--resume: {resume_from} was written by {state.get('world', 1)} process(es)"
+                             f"{' with --fsdp' if state.get('fsdp') else ''}; resume it the same way")
+        if args.fsdp:  # each rank reads its own shards and random state
+            fsdp.load_state(model, optimizer, os.path.join(resume_from, "sharded"))
+            state.update(fsdp.load_rank_state(resume_from, rank))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
         step = state["step"]
-    run = Run(model=model, ddp=DDP(model) if world > 1 else model, optimizer=optimizer, tokenizer=tokenizer,
-              rank=rank, world=world, device=device,
+    run = Run(model=model, ddp=DDP(model) if world > 1 and not args.fsdp else model, optimizer=optimizer,
+              tokenizer=tokenizer, rank=rank, world=world, device=device, sharded=args.fsdp,
               autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"))
     setup, step_fn = STAGES[args.stage]
     described = setup(run, args)
@@ -541,6 +616,7 @@ def train(args):
         print(f"{args.stage}: {described}; world {world} on {device}; steps {step} -> {args.max_steps}" +
               (f"; resumed from {resume_from}" if resume_from else ""))
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    tracker = Tracker(args) if rank == 0 else None
     if not resume_from:
         cli.interrupt_note = (f"no checkpoint yet in {args.out} (one every --save-every {args.save_every} steps); "
                               f"rerun the same command with --resume to start it again")
@@ -566,21 +642,57 @@ def train(args):
             bar.update(1)
             bar.write(log_line(row, eta))
             metrics.write(json.dumps(row) + "\n")
+            tracker.log(row)
             metrics.flush()
-            if step % args.save_every == 0 or step == args.max_steps:
-                saved = save_checkpoint(model, tokenizer, optimizer, step, args)
-                cli.interrupt_note = f"the last checkpoint is {saved}; rerun the same command with --resume to continue"
+        if step % args.save_every == 0 or step == args.max_steps:  # every rank: FSDP ranks save their shards
+            saved = save_checkpoint(run, tokenizer, optimizer, step, args)
+            cli.interrupt_note = f"the last checkpoint is {saved}; rerun the same command with --resume to continue"
         if dist.is_initialized():
             dist.barrier()
+    final = save_checkpoint(run, tokenizer, optimizer, step, args, out=os.path.join(args.out, "final"))
     if rank == 0:
         bar.close()
         metrics.close()
-        final = save_checkpoint(model, tokenizer, optimizer, step, args, out=os.path.join(args.out, "final"))
+        tracker.close()
         print(f"final model: {final}")
         plot(args.out)
     if dist.is_initialized():
         dist.destroy_process_group()
     return model
+
+
+class Tracker:
+    """The rows of metrics.jsonl, also sent to wandb (--wandb PROJECT; the run's id is kept in
+    OUT/wandb-id so --resume continues the same wandb run) and/or TensorBoard (--tensorboard: scalars in
+    OUT/tensorboard), each value at its step. Neither package is needed unless its flag is given."""
+
+    def __init__(self, args):
+        self.wandb = self.tb = None
+        if args.wandb:  # both packages were checked for by parse_args
+            import wandb
+            id_file = os.path.join(args.out, "wandb-id")
+            run_id = open(id_file).read().strip() if os.path.isfile(id_file) else uuid.uuid4().hex[:8]
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            self.wandb = wandb.init(project=args.wandb, id=run_id, resume="allow", dir=args.out, config=vars(args),
+                                    name=os.path.basename(os.path.normpath(args.out)))
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(args.out, "tensorboard"))
+
+    def log(self, row):
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.wandb:
+            self.wandb.log(scalars, step=row["step"])
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+        if self.tb:
+            self.tb.close()
 
 
 def peak_memory_gib(device):
@@ -695,17 +807,27 @@ def demo(args):
         for r in pool[half:]:
             f.write(json.dumps({"problem": r.problem, "answer": r.answer}) + "\n")
     common = ["--seed", str(args.seed), "--eval-every", "0", "--save-every", "1000000", "--warmup-steps", "10"]
-    main(["--stage", "sft", "--model", base, "--data", os.path.join(out, "sft.jsonl"), "--out", os.path.join(out, "sft"),
-          "--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "16", "--lr", "3e-3", "--heldout", "64",
-          "--max-steps", str(args.demo_sft_steps), *common])
-    main(["--stage", "rl", "--model", os.path.join(out, "sft", "final"), "--data", os.path.join(out, "rl.jsonl"),
+    sft = os.path.join(args.demo_sft or out, "sft")
+    if args.demo_sft:  # that demo's SFT model, if it was trained on exactly these demonstrations for as long
+        prev = os.path.join(args.demo_sft, "sft.jsonl")
+        if not (os.path.isfile(prev) and os.path.isfile(os.path.join(sft, "final", "model.safetensors"))):
+            raise FileNotFoundError(f"--demo-sft {args.demo_sft}: no finished demo there (sft.jsonl and sft/final)")
+        with open(prev) as a, open(os.path.join(out, "sft.jsonl")) as b, open(os.path.join(sft, "args.json")) as c:
+            if a.read() != b.read() or json.load(c)["max_steps"] != args.demo_sft_steps:
+                raise ValueError(f"--demo-sft {args.demo_sft}: its SFT stage differs from this run's (another --seed, "
+                                 f"--demo-mix, --demo-problems or --demo-sft-steps)")
+    else:
+        main(["--stage", "sft", "--model", base, "--data", os.path.join(out, "sft.jsonl"), "--out", sft,
+              "--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "16", "--lr", "3e-3", "--heldout", "64",
+              "--max-steps", str(args.demo_sft_steps), *common])
+    main(["--stage", "rl", "--model", os.path.join(sft, "final"), "--data", os.path.join(out, "rl.jsonl"),
           "--out", os.path.join(out, "rlsp"), "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "128",
           "--temperature", str(args.demo_rl_temperature), "--lr", str(args.demo_rl_lr),
           "--max-steps", str(args.demo_rl_steps), "--exploration", args.exploration,
           "--length-c", str(args.demo_length_c), "--alpha", str(args.alpha), "--episodes-every", "10", *common])
     table = {}
     for stage in ("sft", "rlsp"):
-        folder = os.path.join(out, stage, "final")
+        folder = os.path.join(sft if stage == "sft" else os.path.join(out, stage), "final")
         s = evaluate(Transformer.from_pretrained(folder, device="cpu"), Tokenizer.from_pretrained(folder), heldout,
                      os.path.join(out, f"eval-{stage}"), max_new_tokens=128, batch_size=250, progress=False)
         table[stage] = s

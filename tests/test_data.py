@@ -149,8 +149,8 @@ def test_sft_mask_covers_exactly_the_assistant_turn(fixture, request):
 def test_demonstrations_and_packing(tiny_qwen, data_dir, tmp_path):
     tok = Tokenizer.from_pretrained(tiny_qwen)
     demos = data.demonstrations("math_train", data_dir, limit=6)
-    assert len(demos) == 6 and demos[0][0][0]["content"].startswith("Problem: ")
-    examples = [sft_example(tok, m, r) for m, r in demos]
+    assert len(demos) == 6 and demos[0][0]["content"].startswith("Problem: ") and demos[0][1]["role"] == "assistant"
+    examples = [sft_example(tok, m) for m in demos]
     rows = pack(examples, 512, tok.pad_token_id)
     assert all(len(r["ids"]) == len(r["mask"]) == len(r["positions"]) == len(r["doc"]) == 512 for r in rows)
     # every example appears once, in order, unchanged (unless longer than a row)
@@ -165,8 +165,62 @@ def test_demonstrations_and_packing(tiny_qwen, data_dir, tmp_path):
                 assert r["positions"][i] == r["positions"][i - 1] + 1
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "1+1?", "response": "2"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"pairs.jsonl:2: expected fields 'prompt' and 'response'"):
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: expected 'messages', 'conversations' or the fields 'prompt' "
+                                         r"and 'response' \(--prompt-field / --response-field\); the row has \['prompt'\]"):
         data.demonstrations(str(pairs))
+
+
+TURNS = [{"role": "system", "content": "You are a careful tutor."},
+         {"role": "user", "content": "What is 2+3?"},
+         {"role": "assistant", "content": "2 + 3 = 5, so $\\boxed{5}$."},
+         {"role": "user", "content": "And 4 times that?"},
+         {"role": "assistant", "content": "4 x 5 = 20.  The answer is $\\boxed{20}$."}]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "tiny_qwen3", "smollm2"])
+def test_sft_formats_mask_every_assistant_turn(fixture, request, tmp_path):
+    """`messages`, ShareGPT `conversations` and (prompt, response) pairs under other field names (QwQ's
+    `prompt` / `qwq`): the ids are transformers' rendering of the conversation up to the last stop token,
+    and the mask covers exactly each assistant turn and its stop token, every turn of a multi-turn
+    conversation."""
+    from transformers import AutoTokenizer
+    path = request.getfixturevalue(fixture)
+    tok, ref = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    sharegpt = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]}
+                for t in TURNS]
+    file = tmp_path / "sft.jsonl"
+    file.write_text("\n".join(json.dumps(r) for r in ({"messages": TURNS}, {"conversations": sharegpt},
+                                                      {"question": "What is 2+3?", "qwq": "It is $\\boxed{5}$."})))
+    convs = data.demonstrations(str(file), prompt_field="question", response_field="qwq")
+    assert convs[0] == convs[1] == TURNS
+    assert convs[2] == prompt_messages("What is 2+3?") + [{"role": "assistant", "content": "It is $\\boxed{5}$."}]
+    for conv in convs:
+        ids, mask = sft_example(tok, conv)
+        rendered = ref.apply_chat_template(conv, tokenize=False)
+        text = tok.decode(ids)
+        assert rendered.startswith(text) and not rendered[len(text):].strip()
+        spans, start = [], None
+        for i, m in enumerate(mask + [0]):
+            if m and start is None:
+                start = i
+            elif not m and start is not None:
+                spans.append((start, i))
+                start = None
+        replies = [t["content"] for t in conv if t["role"] == "assistant"]
+        assert len(spans) == len(replies)
+        for (a, b), reply in zip(spans, replies):
+            assert ids[b - 1] in tok.stop_token_ids and tok.decode(ids[a:b - 1]).strip() == reply.strip()
+        first = next(i for i, t in enumerate(conv) if t["role"] == "assistant")  # the sampler's prompt, exactly
+        assert ids[:spans[0][0]] == tok.encode(ref.apply_chat_template(conv[:first], tokenize=False,
+                                                                       add_generation_prompt=True))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"from": "robot", "value": "hi"}]}) + "\n" +
+                   json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'conversations'\[0\]: expected \{'from': one of"):
+        data.demonstrations(str(bad))
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no assistant turn to learn from"):
+        data.demonstrations(str(bad))
 
 
 def test_arithmetic_demonstrations():
@@ -188,3 +242,19 @@ def test_arithmetic_demonstrations():
     from verifier import BEHAVIOURS
     assert BEHAVIOURS["verification"].search(problems[0].meta["checked"])
     assert not BEHAVIOURS["verification"].search(problems[0].meta["steps"])
+
+
+def test_sft_with_thinking(tiny_qwen3):
+    """A reasoning trace in the last assistant turn is learned, <think> block included (the template keeps
+    it there); a conversation whose template drops an earlier turn's thinking once a user turn follows
+    cannot be split into turns as the model sees them, and says so."""
+    from transformers import AutoTokenizer
+    tok, ref = Tokenizer.from_pretrained(tiny_qwen3), AutoTokenizer.from_pretrained(tiny_qwen3)
+    reply = "<think>\n2 + 3: five.\n</think>\n\nSo $\\boxed{5}$."
+    conv = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": reply}]
+    ids, mask = sft_example(tok, conv)
+    assert tok.decode(ids) == ref.apply_chat_template(conv, tokenize=False).rstrip("\n")
+    start = mask.index(1)
+    assert tok.decode(ids[start:]) == reply + "<|im_end|>" and all(mask[start:])
+    with pytest.raises(ValueError, match="does not render each assistant turn as a continuation"):
+        sft_example(tok, conv + [{"role": "user", "content": "Times 2?"}, {"role": "assistant", "content": "10"}])

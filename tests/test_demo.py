@@ -44,12 +44,22 @@ def test_demo_rlsp_beats_sft(length_run):
 def test_demo_length_reward_lengthens_answers(length_run, tmp_path):
     """Same SFT model (same seed), RL without the exploration reward: the outcome reward alone does not
     pay for the verification line, so answers end shorter (the paper's Fig. 6, at toy scale)."""
-    _, s_len, _ = length_run
-    s_none, stdout = run_demo(tmp_path / "none", "--exploration", "none")
+    out, s_len, _ = length_run
+    s_none, stdout = run_demo(tmp_path / "none", "--exploration", "none", "--demo-sft", str(out))  # its SFT model
     assert "| SFT + RLSP (none) |" in stdout
     assert s_none["sft_accuracy"] == s_len["sft_accuracy"]  # the runs differ only in the RL reward
+    assert not os.path.exists(tmp_path / "none" / "sft")
     assert s_len["rlsp_mean_length"] > s_none["rlsp_mean_length"] + 5, (s_len, s_none)
     assert s_len["rlsp_verification_rate"] > s_none["rlsp_verification_rate"] + 0.3, (s_len, s_none)
+
+
+def test_demo_sft_must_match(length_run, tmp_path, capsys):
+    out, _, _ = length_run
+    import train
+    with pytest.raises(ValueError, match="its SFT stage differs from this run's"):
+        train.main(["--out", str(tmp_path / "other"), "--demo-sft", str(out), "--seed", "1"])
+    with pytest.raises(FileNotFoundError, match="no finished demo there"):
+        train.main(["--out", str(tmp_path / "other2"), "--demo-sft", str(tmp_path)])
 
 
 def test_demo_mix_parsing():

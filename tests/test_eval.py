@@ -55,6 +55,10 @@ def test_summarize_hand_computed():
     assert s["mean_length"] == 15 and s["median_length"] == 10 and s["truncation_rate"] == 0.25
     assert s["no_answer_rate"] == 0.25
     assert s["behaviour_rates_proxy"]["backtracking"] == 0.25 and s["behaviour_rates_proxy"]["verification"] == 0.25
+    assert "mean_think_length" not in s
+    samples[0]["think_tokens"], samples[2]["think_tokens"] = 6, 30  # a reasoning model's <think> blocks
+    s = summarize(samples)
+    assert s["mean_think_length"] == 9 and s["mean_answer_length"] == 6
     assert s["repetition_rate"] == 0.25 and repeats("a b c d e f g h i j " * 3) and not repeats(" ".join(map(str, range(60))))
 
 

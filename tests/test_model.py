@@ -26,7 +26,7 @@ def random_ids(vocab, B, T, seed=0):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "smollm2"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "tiny_qwen3", "smollm2"])
 def test_logits_match_transformers(fixture, request):
     path = request.getfixturevalue(fixture)
     ours, ref = Transformer.from_pretrained(path, device="cpu"), hf_model(path)
@@ -41,6 +41,47 @@ def test_config_fields(tiny_llama, tiny_qwen):
     assert llama.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     assert (qwen.head_dim, qwen.tie_word_embeddings, qwen.attention_bias, qwen.rope_theta) == (16, True, True, 1e6)
+
+
+def test_qwen3_config_and_parameter_count(tiny_qwen3):
+    """Qwen3: q/k RMSNorm per head, head_dim (24) not hidden / heads (16), no qkv bias, untied head; the
+    parameter count the memory plan uses equals the loaded model's."""
+    cfg = Config.from_pretrained(tiny_qwen3)
+    assert (cfg.head_dim, cfg.qk_norm, cfg.attention_bias, cfg.tie_word_embeddings) == (24, True, False, False)
+    model = Transformer.from_pretrained(tiny_qwen3, device="cpu")
+    assert model.model.layers[0].self_attn.q_norm.weight.shape == (24,)
+    from model import parameter_count
+    assert parameter_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "tiny_qwen3"])
+def test_batched_greedy_matches_transformers(fixture, request):
+    """Prompts of different lengths decoded together, greedy: the same tokens as transformers' generate
+    on each prompt alone."""
+    path = request.getfixturevalue(fixture)
+    ours, ref = Transformer.from_pretrained(path, device="cpu"), hf_model(path)
+    prompts = [random_ids(700, 1, n, seed=n)[0].tolist() for n in (5, 17, 9)]
+    outs = generate(ours, prompts, 24, temperature=0)
+    for p, c in zip(prompts, outs):
+        with torch.no_grad():
+            r = ref.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert c.tokens == r[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},  # Qwen2.5's long-context setting
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "attention_factor": 1.2},
+    {"rope_type": "linear", "factor": 2.0}])
+@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_qwen3"])
+def test_rope_scaling_matches_transformers(fixture, rope, request, tmp_path):
+    """Scaled RoPE (YaRN with its cos/sin factor, linear) over 80 positions, past the original 16/32."""
+    path = request.getfixturevalue(fixture)
+    scaled = edit_config(path, tmp_path / "m", rope_parameters={"rope_theta": 1e6, **rope})
+    ours, ref = Transformer.from_pretrained(scaled, device="cpu"), hf_model(scaled)
+    assert not torch.allclose(ours.inv_freq, Transformer.from_pretrained(path, device="cpu").inv_freq)
+    ids = random_ids(ours.config.vocab_size, 2, 80)
+    with torch.no_grad():
+        assert_logits_close(ours(ids), ref(ids).logits)
 
 
 def test_transformers4_config_layout(tiny_llama, tmp_path):
@@ -153,17 +194,50 @@ def test_group_prefill_equals_duplicated_prompts(tiny_qwen):
     assert len({tuple(c.tokens) for c in grouped[:G]}) > 1  # the rows of a group draw independently
 
 
-def test_logprobs_chunked_gradients(tiny_llama):
+@pytest.mark.parametrize("keep_bytes", [0, 2**30])  # logits recomputed in backward / kept from forward
+def test_logprobs_chunked_gradients(tiny_llama, keep_bytes):
     model = Transformer.from_pretrained(tiny_llama, device="cpu").train()
     ids = random_ids(700, 2, 33)
-    lp = model.logprobs(ids[:, :-1], ids[:, 1:], temperature=1.0, chunk_tokens=5)
+    h = model.hidden_states(ids[:, :-1])
+    lp = model.token_logprobs(h.flatten(0, 1), ids[:, 1:].flatten(), chunk_tokens=5, keep_bytes=keep_bytes)
     lp.sum().backward()
     g_chunked = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
     model.zero_grad()
     ref = model(ids[:, :-1]).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     ref.sum().backward()
-    assert torch.allclose(lp, ref, atol=1e-5)
+    assert torch.allclose(lp.view(2, -1), ref, atol=1e-5)
     assert torch.allclose(g_chunked, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture,checkpointing", [("tiny_llama", False), ("tiny_qwen", False), ("tiny_qwen", True),
+                                                   ("tiny_qwen3", False)])
+def test_continuation_logprobs_equal_separate_sequences(fixture, checkpointing, request):
+    """Each prompt computed once for all its continuations (prompt keys/values shared, projection only at
+    continuation positions): the log-probs and the gradient of a weighted sum of them equal transformers'
+    over every prompt + continuation run alone, with prompts and continuations of different lengths."""
+    path = request.getfixturevalue(fixture)
+    model = Transformer.from_pretrained(path, device="cpu").train()
+    model.gradient_checkpointing = checkpointing
+    ref = hf_model(path).train()
+    prompts = [random_ids(700, 1, n, seed=n)[0].tolist() for n in (7, 3, 12)]
+    conts = [random_ids(700, 1, n, seed=50 + n)[0].tolist() for n in (5, 1, 9, 4, 6)]
+    prompt_of = [0, 0, 2, 1, 2]
+    T = 0.8
+    lp = model(prompts, continuations=conts, prompt_of=prompt_of, temperature=T)
+    weights = torch.linspace(-1.0, 2.0, lp.numel())
+    (lp * weights).sum().backward()
+    expected = []
+    for c, g in zip(conts, prompt_of):
+        seq = torch.tensor([prompts[g] + c])
+        logits = ref(seq).logits[0, len(prompts[g]) - 1:-1].float() / T
+        expected.append(logits.log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1))
+    expected = torch.cat(expected)
+    (expected * weights).sum().backward()
+    assert torch.allclose(lp, expected, atol=1e-5)
+    ref_grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        g, r = p.grad, ref_grads[name].grad
+        assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-7, name
 
 
 def test_cpu_packed_linear_follows_weight_changes():
@@ -204,14 +278,17 @@ def test_greedy_matches_transformers_generate(smollm2):
         assert c.tokens == r[0, len(p):].tolist()
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "smollm2"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "tiny_qwen3", "smollm2"])
 def test_chat_template_matches_transformers(fixture, request):
     from transformers import AutoTokenizer
     path = request.getfixturevalue(fixture)
     ours, ref = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    think = "<think>\n2 + 2: count up.\n</think>\n\nIt is $\\boxed{4}$."  # tiny_qwen3 strips it before a user turn
     for messages in ([{"role": "user", "content": "Problem: What is $1+1$?"}],
                      [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "Hi  there "},
-                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2 + 2 = ?"}]):
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2 + 2 = ?"}],
+                     [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": think},
+                      {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": think.replace("4", "6")}]):
         for gen in (True, False):
             expected = ref.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
             expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
@@ -263,8 +340,8 @@ def test_errors(tiny_llama, tiny_qwen, tmp_path):
         Transformer.from_pretrained(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"unsupported architecture 'MistralForCausalLM' \(field 'architectures'\)"):
         Transformer.from_pretrained(edit_config(tiny_llama, tmp_path / "a", architectures=["MistralForCausalLM"]))
-    with pytest.raises(ValueError, match=r"unsupported rope type 'yarn'"):
-        Transformer.from_pretrained(edit_config(tiny_llama, tmp_path / "b", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}))
+    with pytest.raises(ValueError, match=r"unsupported rope type 'dynamic'.*rlsp supports default, llama3, linear, yarn"):
+        Transformer.from_pretrained(edit_config(tiny_llama, tmp_path / "b", rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}))
     with pytest.raises(ValueError, match=r"sliding-window attention is not supported \(field 'use_sliding_window'"):
         Transformer.from_pretrained(edit_config(tiny_qwen, tmp_path / "c", use_sliding_window=True, sliding_window=64))
     wrong = edit_config(tiny_llama, tmp_path / "d", intermediate_size=100)

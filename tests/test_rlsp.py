@@ -27,6 +27,9 @@ def test_outcome_and_length_rewards(tiny_qwen):
     text = "First add 2 and 3. So \\boxed{5}. Then chat on and on and on."
     assert rlsp.length_before_box(text, 99, tok) == len(tok.encode("First add 2 and 3. So "))
     assert rlsp.length_before_box("no box at all", 7, tok) == 7
+    # thinking counts in full: the box drafted inside it is not where L stops
+    think = "<think>Try \\boxed{4}? Check: 2+3=5.</think>So \\boxed{5}."
+    assert rlsp.length_before_box(think, 99, tok) == len(tok.encode(think[:think.rindex("\\boxed")]))
     assert rlsp.repetition_fraction(" ".join(map(str, range(30)))) == 0.0
     assert rlsp.repetition_fraction("a b c d e f g h i j " * 5) == pytest.approx(1 - 10 / 41)
 
@@ -110,24 +113,19 @@ def test_overlong_penalty_and_alpha_decay():
 
 
 def test_micro_batches_respect_the_budget():
-    lengths = [5, 40, 7, 12, 33, 6]
-    parts = rlsp.micro_batches(lengths, 40)
+    # (prompt key, prompt length, response length): groups 0 and 1 of prompts 10 and 4 tokens
+    shapes = [(0, 10, 5), (0, 10, 40), (0, 10, 7), (1, 4, 12), (1, 4, 33), (1, 4, 6)]
+    parts = rlsp.micro_batches(shapes, 60)
     assert sorted(i for p in parts for i in p) == list(range(6))
-    for p in parts:  # longest first, rows x longest <= budget unless a row is alone
-        assert len(p) == 1 or len(p) * max(lengths[i] for i in p) <= 40
-        assert lengths[p[0]] == max(lengths[i] for i in p)
-    assert parts[0] == [1] and rlsp.micro_batches([50], 10) == [[0]]
-
-
-def test_episode_batch_layout():
-    class R:
-        answer = "1"
-    eps = [rlsp.Episode(R(), [5, 6, 7], [8, 9], [-0.1, -0.2], True, "", 0),
-           rlsp.Episode(R(), [5], [4, 3, 2], [-1.0, -2.0, -3.0], False, "", 0)]
-    x, y, mask = rlsp.episode_batch(eps, 0, "cpu")
-    assert x.tolist() == [[5, 6, 7, 8], [5, 4, 3, 2]] and y.tolist() == [[6, 7, 8, 9], [4, 3, 2, 0]]
-    assert mask.tolist() == [[False, False, True, True], [True, True, True, False]]
-    assert y[mask].tolist() == [8, 9, 4, 3, 2]  # the sampler's own ids, episode after episode
+    for p in parts:  # longest response first; distinct prompts x longest + responses x longest <= budget
+        prompts = {shapes[i][0]: shapes[i][1] for i in p}
+        cost = len(prompts) * max(prompts.values()) + len(p) * max(shapes[i][2] for i in p)
+        assert len(p) == 1 or cost <= 60
+        assert shapes[p[0]][2] == max(shapes[i][2] for i in p)
+    assert parts == [[1], [4], [3, 2, 5], [0]]  # 10 + 40; 4 + 33; 2 x 10 + 3 x 12 = 56; 10 + 5
+    assert rlsp.micro_batches([(0, 50, 5)], 10) == [[0]]
+    # equal lengths keep their order: a group's episodes share one micro-batch and one prompt pass
+    assert rlsp.micro_batches([(g, 20, 8) for g in (0, 0, 1, 1)], 100) == [[0, 1, 2, 3]]
 
 
 # ----------------------------------------------------------------------------- the judge

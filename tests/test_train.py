@@ -124,8 +124,10 @@ def test_torchrun_two_processes_match_one(tiny_llama, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
 
 
-def test_checkpoint_loads_in_transformers(tiny_qwen, tmp_path):
+@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_qwen3"])
+def test_checkpoint_loads_in_transformers(fixture, tmp_path, request):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    tiny_qwen = request.getfixturevalue(fixture)
     train.main(args_for(tiny_qwen, tmp_path / "run", "--max-steps", "2", "--save-every", "2"))
     for folder in ("step-000002", "final"):
         path = str(tmp_path / "run" / folder)
@@ -137,6 +139,72 @@ def test_checkpoint_loads_in_transformers(tiny_qwen, tmp_path):
         AutoTokenizer.from_pretrained(path)
     trained, start = weights(tmp_path / "run" / "final"), weights(tiny_qwen)
     assert not torch.equal(trained["model.norm.weight"], start["model.norm.weight"])
+
+
+def wandb_history(run_file):
+    """The history rows (step -> {key: value}) of an offline wandb run file: W&B's record log (a 7-byte
+    header, then 32 KiB blocks of records, each crc32 / length / type, split over blocks as FIRST, MIDDLE
+    and LAST parts), each record a protobuf `Record`."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data, rows, pos, part = open(run_file, "rb").read(), {}, 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                rows[record.history.step.num] = {"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                                 for i in record.history.item}
+    return rows
+
+
+def test_wandb_offline_and_tensorboard_log_the_metrics_rows(tiny_llama, tmp_path):
+    """--wandb (offline mode) and --tensorboard receive every row of metrics.jsonl at its step, read back
+    with each tool's own reader / files; --resume continues the same wandb run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+    argv = [sys.executable, "train.py", "--stage", "sft", *args_for(tiny_llama, out, "--max-steps", "3", "--save-every", "2",
+                                                                   "--wandb", "rlsp-test", "--tensorboard")]
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
+        assert [e.step for e in events.Scalars(key)] == [1, 2, 3]
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    run_id = open(out / "wandb-id").read().strip()
+    assert len(runs) == 1 and runs[0].name.endswith(run_id)
+    history = wandb_history(runs[0] / f"run-{run_id}.wandb")
+    assert sorted(history) == [1, 2, 3]
+    for r in rows:
+        assert {k: history[r["step"]][k] for k in ("loss", "grad_norm", "lr")} == \
+            pytest.approx({k: r[k] for k in ("loss", "grad_norm", "lr")}, rel=1e-12)
+    import shutil
+    shutil.rmtree(out / "step-000003")
+    p = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env, cwd=ROOT)  # from step 2
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = sorted((out / "wandb").glob("offline-run-*"))  # offline, each process writes its own folder
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert sorted(wandb_history(runs[1] / f"run-{run_id}.wandb")) == [3]
+
+
+def test_tracking_flags_name_the_missing_package(tiny_llama, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as e:
+        train.main(args_for(tiny_llama, tmp_path / "run", "--wandb", "proj"))
+    assert e.value.code == 2 and "--wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
 
 
 def test_nan_stops_with_step_and_keeps_checkpoint(tiny_llama, tmp_path):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import verifier
-from verifier import extract_answer, grade, grade_batch, is_equiv, normalize
+from verifier import extract_answer, grade, grade_batch, is_equiv, normalize, split_thinking
 
 # (category, prediction, gold, expected)
 EQUIV = [
@@ -217,12 +217,24 @@ EXTRACT = [
     ("\\boxed{}", "last_boxed", None),
     ("\\boxed{unbalanced", "last_boxed", None),
     ("", "last_boxed", None),
+    # reasoning models: only the answer after the thinking block counts
+    ("<think>maybe \\boxed{3}? no, wait</think>So the answer is \\boxed{4}.", "last_boxed", "4"),
+    ("<think>it is \\boxed{3}</think>I could not decide.", "last_boxed", None),
+    ("<think>it is \\boxed{3}, let me check", "last_boxed", None),  # cut off while thinking
+    ("Okay, so 2+2. \\boxed{3}?</think>\n\n\\boxed{4}", "last_boxed", "4"),  # R1: <think> in the prompt
 ]
 
 
 @pytest.mark.parametrize("text,mode,want", EXTRACT)
 def test_extract(text, mode, want):
     assert extract_answer(text, mode) == want
+
+
+def test_split_thinking():
+    assert split_thinking("<think>a</think>b<think>c</think> d") == ("<think>a</think>b<think>c</think>", " d")
+    assert split_thinking("<think>never closed") == ("<think>never closed", "")
+    assert split_thinking("plain answer") == ("", "plain answer")
+    assert grade("<think>\\boxed{5}</think>\\boxed{4}", "4").correct and not grade("<think>\\boxed{4}</think>", "4").correct
 
 
 def test_fallbacks_selectable():
