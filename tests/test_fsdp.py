@@ -66,17 +66,20 @@ def test_fsdp_sft_matches_one_process_and_loads_in_transformers(tiny_qwen, tmp_p
         assert torch.allclose(Transformer.from_pretrained(str(step), device="cpu")(ids), ref(ids).logits, atol=1e-4)
 
 
-def test_fsdp_rl_matches_ddp(tiny_llama, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--kl-coef", "0.05", "--kl-placement", "reward", "--minibatches", "2"]],
+                         ids=["no-kl", "kl-in-reward"])
+def test_fsdp_rl_matches_ddp(tiny_llama, tmp_path, extra):
     """The same RL run (2 ranks, fixed seed, ranks sampling their own problems) with the weights sharded
     and replicated: the same rewards, losses and final weights. Tiny micro-batches make the ranks run
-    different numbers of passes, which FSDP must even out."""
-    common = [*RL, "--model", tiny_llama, "--max-steps", "3", "--save-every", "100"]
+    different numbers of passes, which FSDP must even out; with a KL term the sharded reference and the
+    old log-prob pass run too."""
+    common = [*RL, "--model", tiny_llama, "--max-steps", "3", "--save-every", "100", *extra]
     p = torchrun(*common, "--out", str(tmp_path / "ddp"))
     assert p.returncode == 0, p.stderr[-3000:]
     p = torchrun(*common, "--fsdp", "--out", str(tmp_path / "fsdp"))
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {k: [json.loads(x) for x in open(tmp_path / k / "metrics.jsonl")] for k in ("ddp", "fsdp")}
-    for key in ("reward", "loss", "grad_norm", "mean_length", "computed_fraction"):
+    for key in ("reward", "loss", "grad_norm", "mean_length", "computed_fraction", *(["kl"] if extra else [])):
         assert [r[key] for r in rows["fsdp"]] == pytest.approx([r[key] for r in rows["ddp"]], rel=1e-4, abs=1e-6)
     a, b = weights(tmp_path / "ddp" / "final"), weights(tmp_path / "fsdp" / "final")
     start = load_file(os.path.join(tiny_llama, "model.safetensors"))
