@@ -33,25 +33,6 @@ STATUSES = ("correct", "incorrect", "no_answer", "unparseable", "timeout")
 
 # ----------------------------------------------------------------------------- extraction
 
-def _braced(text, start):
-    """Content of the {...} group opening at text[start] == '{' (escaped \\{ \\} are literal), or None."""
-    depth = 0
-    i = start
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i]
-        i += 1
-    return None
-
-
 _BRACE = re.compile(r"\\[{}]|[{}]")
 
 
@@ -159,7 +140,7 @@ def strip_wrappers(s):
             if s.startswith(a) and s.endswith(b) and len(s) >= len(a) + len(b):
                 s = s[len(a):len(s) - len(b)].strip()
         m = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{(.*)\}", s, re.DOTALL)
-        if m and _braced(s, s.index("{")) == m.group(1):
+        if m and _closing_braces(s, m.start(1) - 1).get(m.start(1) - 1) == len(s) - 1:  # one group, not {a} x {b}
             s = m.group(1).strip()
         if s == before:
             break
@@ -641,16 +622,13 @@ def _proportional(ra, rb):
     """Two relations of the same kind whose sides differ, as the same relation: lhs - rhs of one is a
     constant non-zero multiple of the other's (2x+4y-3=0 and y=-x/2+3/4), positive for < and ≤ (so -x<-1
     is not x<1 but -x>-1 is). Checked at random points of the free symbols."""
-    import sympy
     da = parse_latex(ra[0]) - parse_latex(ra[2])
     db = parse_latex(rb[0]) - parse_latex(rb[2])
     symbols = sorted(da.free_symbols | db.free_symbols, key=str)
     if not symbols:
         return False
-    rng = random.Random(1)
     ratios = []
-    for _ in range(12):
-        point = {s: sympy.Rational(rng.randint(5, 25), 10) for s in symbols}
+    for point in _points(symbols, seed=1, exact=True):
         try:
             u, v = complex(da.subs(point).evalf(30)), complex(db.subs(point).evalf(30))
         except (TypeError, ValueError, ZeroDivisionError):
@@ -665,6 +643,15 @@ def _proportional(ra, rb):
     first = ratios[0].real
     same = all(abs(r.real - first) <= 1e-6 * max(1.0, abs(first)) for r in ratios)
     return same and (first > 0 or ra[1] in ("=", "≠"))
+
+
+def _points(symbols, seed, exact=False, tries=12):
+    """`tries` random points in [0.5, 2.5] for `symbols` (exact tenths with `exact`), the same ones for a
+    given seed: where expressions with free symbols are compared numerically."""
+    import sympy
+    rng = random.Random(seed)
+    for _ in range(tries):
+        yield {s: sympy.Rational(rng.randint(5, 25), 10) if exact else rng.uniform(0.5, 2.5) for s in symbols}
 
 
 def _has_decimal(s):
@@ -711,10 +698,8 @@ def _scalar_equal(a, b):
     symbols = sorted(x.free_symbols | y.free_symbols, key=str)
     if not symbols:
         return _close(x, y, tol)
-    rng = random.Random(0)
     tried = 0
-    for _ in range(12):
-        point = {s: rng.uniform(0.5, 2.5) for s in symbols}
+    for point in _points(symbols, seed=0):
         try:
             ok = _close(x.subs(point), y.subs(point), tol)
         except ParseError:
