@@ -6,7 +6,8 @@
 Three measurements, each printed as rlsp, transformers and the ratio: sampling (new tokens/s, every
 row forced to full length), prefill (prompt tokens/s) and a training forward+backward (tokens/s). A
 fourth compares RL rollouts of G samples per prompt with one prefill per group against G prefills.
-`--measures rlstep` times one whole RL step against TRL's GRPOTrainer on the same work (CPU, SmolLM2).
+`--measures rlstep` times one whole RL step against TRL's GRPOTrainer on the same work (SmolLM2; on GPU
+with `--device cuda`, bf16 autocast on both sides).
 On GPU the sampler is also reported as a fraction of the memory-bandwidth roofline: each decode step
 must at least read every weight and the KV cache written so far once.
 """
@@ -217,7 +218,7 @@ def rl_step_problems(data_dir, steps):
             for i in train.step_rows(records, step, RL_STEP["prompts"], RL_STEP["seed"])]
 
 
-def rl_steps_ours(model, data_dir, steps, out):
+def rl_steps_ours(model, data_dir, steps, out, device="cpu"):
     """`steps` RL steps of train.py in a fresh process; per step (generation, training, total) seconds and
     the new tokens it sampled, from its metrics.jsonl."""
     import subprocess
@@ -229,7 +230,7 @@ def rl_steps_ours(model, data_dir, steps, out):
             "--seed", str(c["seed"]), "--advantage", "grpo", "--loss-agg", "token-mean", "--kl-coef", "0",
             "--exploration", "none", "--ppo-epochs", "1", "--minibatches", "1", "--warmup-steps", "0",
             "--grad-clip", "1.0", "--weight-decay", "0",
-            "--max-steps", str(steps), "--eval-every", "0", "--save-every", "1000000", "--out", out]
+            "--max-steps", str(steps), "--eval-every", "0", "--save-every", "1000000", "--device", device, "--out", out]
     p = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"the rlsp RL run failed:\n{p.stderr[-3000:]}")
@@ -238,8 +239,9 @@ def rl_steps_ours(model, data_dir, steps, out):
     return [(r["rollout_seconds"], r["train_seconds"], r["tokens"] / r["tokens_per_s"], r["tokens"]) for r in rows]
 
 
-def rl_steps_trl(model, data_dir, steps, out):
-    """The same steps with TRL's GRPOTrainer (no vLLM, fp32 on CPU): the same problems in the same order,
+def rl_steps_trl(model, data_dir, steps, out, device="cpu"):
+    """The same steps with TRL's GRPOTrainer (no vLLM; fp32 weights, bf16 autocast on GPU as rlsp's
+    trainer): the same problems in the same order,
     chat template, G, lengths, sampling, GRPO advantages (group std), token-mean loss (TRL's `dapo`), no KL,
     one update per rollout batch, AdamW at the same learning rate and clip, and rlsp's outcome reward.
     Generation is TRL's `_generate`; a step is the time between the trainer's step-begin and step-end
@@ -264,7 +266,8 @@ def rl_steps_trl(model, data_dir, steps, out):
                         temperature=c["temperature"], top_p=1.0, top_k=0, beta=0.0, loss_type="dapo",
                         scale_rewards="group", num_iterations=1, learning_rate=c["lr"], lr_scheduler_type="constant",
                         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
-                        shuffle_dataset=False, bf16=False, use_cpu=True, report_to="none", logging_steps=1,
+                        shuffle_dataset=False, bf16=device != "cpu", use_cpu=device == "cpu", report_to="none",
+                        logging_steps=1,
                         save_strategy="no", seed=c["seed"], disable_tqdm=True)
     times, marks = [], {}
 
@@ -317,13 +320,13 @@ def bench_rl_step(args):
             for side in ("rlsp", "trl"):
                 out = os.path.join(tmp, f"{side}-{r}")
                 if side == "rlsp":
-                    rows = rl_steps_ours(args.model, args.data_dir, steps, out)
+                    rows = rl_steps_ours(args.model, args.data_dir, steps, out, args.device)
                 else:
                     code = ("import json, sys; sys.path.insert(0, '.'); import bench\n"
-                            "rows = bench.rl_steps_trl(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])\n"
+                            "rows = bench.rl_steps_trl(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:])\n"
                             "print('ROWS', json.dumps(rows))")
-                    p = subprocess.run([sys.executable, "-c", code, args.model, args.data_dir, str(steps), out],
-                                       capture_output=True, text=True)
+                    p = subprocess.run([sys.executable, "-c", code, args.model, args.data_dir, str(steps), out,
+                                        args.device], capture_output=True, text=True)
                     if p.returncode:
                         raise SystemExit(f"the TRL run failed:\n{p.stderr[-3000:]}")
                     rows = json.loads(p.stdout.split("ROWS", 1)[1])
@@ -335,7 +338,8 @@ def bench_rl_step(args):
                 if side not in best or mean[2] < best[side][2]:
                     best[side] = mean
     c = RL_STEP
-    print(f"\nRL step, {os.path.basename(os.path.normpath(args.model))} fp32, {device_name(torch.device('cpu'))}: "
+    name = os.path.basename(os.path.normpath(args.model))
+    print(f"\nRL step, {name} fp32, {device_name(torch.device(args.device))}: "
           f"{c['prompts']} GSM8K-train prompts x G={c['group']} x <= {c['new_tokens']} new tokens, temperature "
           f"{c['temperature']}, GRPO, token-mean loss, no KL, one update")
     print(f"| {'seconds per step':<16} | {'rlsp':>7} | {'TRL GRPOTrainer':>15} | {'ratio':>6} |")
