@@ -245,10 +245,10 @@ def conversation(row, where, prompt="paper", prompt_field="prompt", response_fie
     (prompt, response) pair in `prompt_field` / `response_field` (the prompt through `prompt`, as for RL).
     `where` (file:line) starts every error."""
     if "messages" in row or "conversations" in row:
-        sharegpt = "messages" not in row
-        turns, role_key, text_key = (row["conversations"], "from", "value") if sharegpt else (row["messages"], "role", "content")
-        roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ("system", "user", "assistant")}
-        field_name = "conversations" if sharegpt else "messages"
+        chat = {r: r for r in SHAREGPT_ROLES.values()}  # system, user, assistant
+        field_name, role_key, text_key, roles = ("messages", "role", "content", chat) if "messages" in row \
+            else ("conversations", "from", "value", SHAREGPT_ROLES)
+        turns = row[field_name]
         if not isinstance(turns, list) or not turns:
             raise ValueError(f"{where}: '{field_name}' must be a non-empty list of turns")
         messages = []

@@ -70,16 +70,6 @@ def load_state(model, optimizer, folder):
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def grad_norm(model, max_norm):
-    """clip_grad_norm_ over sharded gradients: the global norm, as a float on every rank."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-
-
-def is_sharded(model):
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
-
-
 def rank_file(folder, rank):
     return os.path.join(folder, f"rng-{rank}.pt")
 

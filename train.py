@@ -190,9 +190,9 @@ def parse_args(argv=None):
     if args.fsdp and args.eval_data:
         p.error("--eval-data with --fsdp: the in-loop benchmark eval runs on rank 0 alone; evaluate the saved "
                 "checkpoints with eval.py instead")
-    for flag, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
-        if getattr(args, flag) and importlib.util.find_spec(package) is None:
-            p.error(f"--{flag} needs the {package} package: pip install {package}")
+    for package in ("wandb", "tensorboard"):  # each flag is named after its package
+        if getattr(args, package) and importlib.util.find_spec(package) is None:
+            p.error(f"--{package} needs the {package} package: pip install {package}")
     if args.micro_batch_tokens is None:
         on_gpu = args.dry_run or (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         args.micro_batch_tokens = 16384 if on_gpu else 4096  # --dry-run plans for a GPU
@@ -537,11 +537,8 @@ def rl_step(run, args, step):
 def optimizer_update(run, args, step, loss):
     """Clip, check, step, zero; returns the gradient norm. A non-finite loss or gradient stops the run,
     naming the step and the last good checkpoint (nothing non-finite is ever applied or saved)."""
-    if args.fsdp:
-        import fsdp
-        grad_norm = fsdp.grad_norm(run.model, args.grad_clip)
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # sharded (FSDP): a DTensor
     bad = [k for k, v in (("loss", loss), ("gradient norm", grad_norm)) if not math.isfinite(v)]
     if bad:
         last_good = checkpoints(args.out)
