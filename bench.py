@@ -8,8 +8,11 @@ row forced to full length), prefill (prompt tokens/s) and a training forward+bac
 fourth compares RL rollouts of G samples per prompt with one prefill per group against G prefills.
 `--measures rlstep` times one whole RL step against TRL's GRPOTrainer on the same work (SmolLM2; on GPU
 with `--device cuda`, bf16 autocast on both sides).
-On GPU the sampler is also reported as a fraction of the memory-bandwidth roofline: each decode step
-must at least read every weight and the KV cache written so far once.
+Sampling runs on two prompt sets (the first MATH-500 prompts, of mixed lengths, and MATH-500 prompts of
+similar length) in every precision rlsp may sample in here (fp32, and bf16 where the CPU has bf16 units;
+bf16 on GPU), and each side is reported as a share of the memory-bandwidth limit: a decode step must at
+least read every weight and the KV cache written so far once, against a measured copy's bytes/s (a GPU
+card's spec where known).
 """
 import json
 import os
@@ -18,7 +21,7 @@ import time
 
 import torch
 
-from model import Tokenizer, Transformer, generate
+from model import Config, Tokenizer, Transformer, generate, native_bf16, sampling_dtype
 
 # Real Qwen2.5 shapes (their config.json, minus the vocabulary files), for random-weight GPU runs.
 QWEN_SHAPES = {
@@ -27,7 +30,9 @@ QWEN_SHAPES = {
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, tie_word_embeddings=True),
 }
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
+# bytes/s by the card's name, the first entry the name contains (so the PCIe and 40 GB parts come first)
+PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100-PCIE-40GB": 1.555e12,
+                  "A100-SXM4-40GB": 1.555e12, "A100": 2.0e12}
 
 
 def write_qwen_config(path, shape):
@@ -59,18 +64,50 @@ def timed(fn, device, repeats=1):
     return (time.perf_counter() - t0) / repeats
 
 
-def prompts_for(args, vocab_size):
-    """Different prompts of different lengths: MATH-500 problems through the chat template when the
-    model has a tokenizer, else random ids of 40-120 tokens."""
+def prompts_for(args, vocab_size, uniform=False):
+    """Different prompts of different lengths: the first `--batch` MATH-500 problems through the chat template
+    when the model has a tokenizer, else random ids of 40-120 tokens. `uniform`: prompts of similar length
+    instead, the `--batch` MATH-500 prompts nearest the median length (random ids: all 80 tokens)."""
     g = torch.Generator().manual_seed(0)
     data = os.path.join(args.data_dir, "math500.jsonl")
     if os.path.isfile(os.path.join(args.model, "tokenizer.json")) and os.path.isfile(data):
         tok = Tokenizer.from_pretrained(args.model)
         with open(data) as f:
-            problems = [json.loads(line)["problem"] for line in f][:args.batch]
-        return [tok.apply_chat_template([{"role": "user", "content": p}])[:args.max_prompt] for p in problems]
-    lengths = torch.randint(40, 121, (args.batch,), generator=g).tolist()
+            problems = [json.loads(line)["problem"] for line in f]
+        if not uniform:
+            return [tok.apply_chat_template([{"role": "user", "content": p}])[:args.max_prompt]
+                    for p in problems[:args.batch]]
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}])[:args.max_prompt] for p in problems]
+        median = sorted(len(x) for x in ids)[len(ids) // 2]
+        return sorted(ids, key=lambda x: (abs(len(x) - median), len(x)))[:args.batch]
+    lengths = [80] * args.batch if uniform else torch.randint(40, 121, (args.batch,), generator=g).tolist()
     return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def memory_bandwidth(device, mib=512, repeats=5):
+    """Bytes/s this machine moves: the best of `repeats` copies of a `mib` MiB buffer (read + write)."""
+    a = torch.ones(mib * 2**18, device=device)  # fp32: 4 bytes each
+    b = torch.empty_like(a)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy faults the pages in
+        sync()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best
+
+
+def step_bytes(model, prompts, new_tokens):
+    """Bytes a decode step must read at least: every weight once (a tied head once) and the KV cache written
+    so far, at the mean context over the run."""
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * elem
+    mean_ctx = sum(len(p) for p in prompts) / len(prompts) + new_tokens / 2
+    kv = len(prompts) * mean_ctx * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem
+    return weights + kv
 
 
 def bench_sampling(args, ours, ref, prompts, device):
@@ -118,7 +155,12 @@ def bench_group_rollout(args, ours, prompts, device):
     def duplicated():
         return generate(ours, [p for p in prompts for _ in range(G)], args.new_tokens, temperature=1.0, seed=0)
 
-    assert [c.tokens for c in grouped()] == [c.tokens for c in duplicated()]  # the same rollouts, token for token
+    same = [a.tokens == b.tokens for a, b in zip(grouped(), duplicated())]
+    if device.type == "cpu" and next(ours.parameters()).dtype == torch.float32:
+        assert all(same)  # fp32 on CPU: the same rollouts, token for token
+    # Elsewhere (bf16, GPU) GEMMs over 4 and 32 rows round differently, and at temperature 1 one flipped
+    # draw changes the rest of a row: the two sides then sample equally, not identically.
+    print(f"rollout bench: {sum(same)} of {len(same)} rows token-identical between the two ways")
     best = [float("inf"), float("inf")]
     for _ in range(args.repeats):
         for i, fn in enumerate((grouped, duplicated)):
@@ -147,11 +189,30 @@ def bench_verifier(args):
         print(f"| {label:<44} | {len(responses) / seconds:10.0f} |")
 
 
+def uniform_problems(tokenizer, n, prompt_tokens, prompt="paper"):
+    """n problems ("i: 7 7 7 ...") whose prompts are exactly `prompt_tokens` tokens through the chat template,
+    as the memory plan assumes (it plans every prompt at one length); the answer is 0."""
+    from data import Record, render_prompt
+    out = []
+    for i in range(n):
+        text, length = f"{i}:", len(render_prompt(tokenizer, f"{i}:", prompt))
+        while length < prompt_tokens:  # grow by a piece that adds tokens without passing the target
+            grown = [(len(render_prompt(tokenizer, text + piece, prompt)), piece) for piece in (" 7", "7", " x", "x", ".")]
+            fits = [(k, piece) for k, piece in grown if length < k <= prompt_tokens]
+            if not fits:
+                raise ValueError(f"no problem renders to exactly {prompt_tokens} prompt tokens with this tokenizer")
+            length, piece = max(fits)
+            text += piece
+        out.append(Record(str(i), text, "0"))
+    return out
+
+
 def check_rl_memory_plan(args):
-    """One real RL run (2 steps) of a random ~170M-parameter Llama on CPU, its peak resident memory above
+    """One real RL run (2 steps) of a random ~156M-parameter Llama on CPU, its peak resident memory above
     the process's footprint before the model was loaded, against rlsp.memory_estimate's CPU plan (fp32
     activations and KV cache, the policy sampling itself) plus the CPU-only packed copy of the weights
-    while sampling. Prints both and their ratio."""
+    while sampling. The prompts are all 256 tokens long, as the plan assumes one prompt length. Prints
+    both and their ratio (resident memory also holds what the C allocator keeps after frees)."""
     import shutil
     import subprocess
     import sys
@@ -160,6 +221,7 @@ def check_rl_memory_plan(args):
     from model import Config, kv_cache_bytes
     sys.path.insert(0, "tests")
     from conftest import _save_tiny
+    prompt = 256
     with tempfile.TemporaryDirectory() as tmp:
         tiny = os.path.join(tmp, "tiny")
         _save_tiny(tiny, "llama")  # only for its tokenizer files
@@ -173,9 +235,13 @@ def check_rl_memory_plan(args):
         for f in os.listdir(tiny):
             if f not in ("config.json", "model.safetensors"):
                 shutil.copy(os.path.join(tiny, f), path)
-        argv = ["--stage", "rl", "--model", path, "--data", "gsm8k", "--data-dir", args.data_dir,
-                "--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens", "128", "--temperature", "1.0",
-                "--micro-batch-tokens", "4096", "--max-steps", "2", "--eval-every", "0", "--save-every", "100",
+        data = os.path.join(tmp, "rl.jsonl")
+        with open(data, "w") as f:
+            for r in uniform_problems(Tokenizer.from_pretrained(path), 16, prompt):
+                f.write(json.dumps({"problem": r.problem, "answer": r.answer}) + "\n")
+        argv = ["--stage", "rl", "--model", path, "--data", data, "--prompts-per-step", "8", "--group-size", "8",
+                "--max-new-tokens", "128", "--temperature", "1.0", "--micro-batch-tokens", "4096", "--max-steps", "2",
+                "--eval-every", "0", "--save-every", "100", "--rollout-dtype", "float32",  # the CPU plan's sampler
                 "--out", os.path.join(tmp, "run")]
         code = ("import json, os, sys; sys.path.insert(0, '.'); import train\n"
                 "rss = lambda: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS'))) / 2**20\n"
@@ -185,16 +251,14 @@ def check_rl_memory_plan(args):
         p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
         if p.returncode:
             raise SystemExit(f"the RL run failed:\n{p.stderr[-3000:]}")
-        out = p.stdout
-        measured = float(out.split("MEASURED")[1])
+        measured = float(p.stdout.split("MEASURED")[1])
         cfg = Config.from_dict(raw)
-        args_ns = train.parse_args(argv)
-        n, held, sampling, training = rlsp.memory_estimate(cfg, rlsp.Settings.from_args(args_ns), 8, False, gpu=False)
+        s = rlsp.Settings.from_args(train.parse_args(argv))
+        n, held, sampling, training = rlsp.memory_estimate(cfg, s, 8, False, gpu=False, prompt_tokens=prompt)
         sampling["packed weights (CPU only)"] = 4 * n
-        prompt = 512  # the estimate's assumption; the real prompts are shorter
         gib = 2 ** 30
         est = sum(held.values()) + max(sum(sampling.values()), sum(training.values()))
-        print(f"RL memory plan vs a real CPU run ({n / 1e6:.0f}M parameters, 8 x 8 rollouts of <= {prompt} + 128 tokens, "
+        print(f"RL memory plan vs a real CPU run ({n / 1e6:.0f}M parameters, 8 x 8 rollouts of {prompt} + 128 tokens, "
               f"micro-batches of 4096 tokens, fp32):")
         print(f"  estimate {est / gib:.2f} GiB (held {sum(held.values()) / gib:.2f}, sampling "
               f"{sum(sampling.values()) / gib:.2f} incl. KV cache {kv_cache_bytes(cfg, 64, prompt + 128, 4) / gib:.2f}, "
@@ -218,7 +282,7 @@ def rl_step_problems(data_dir, steps):
             for i in train.step_rows(records, step, RL_STEP["prompts"], RL_STEP["seed"])]
 
 
-def rl_steps_ours(model, data_dir, steps, out, device="cpu"):
+def rl_steps_ours(model, data_dir, steps, out, device="cpu", rollout_dtype=None):
     """`steps` RL steps of train.py in a fresh process; per step (generation, training, total) seconds and
     the new tokens it sampled, from its metrics.jsonl."""
     import subprocess
@@ -231,6 +295,8 @@ def rl_steps_ours(model, data_dir, steps, out, device="cpu"):
             "--exploration", "none", "--ppo-epochs", "1", "--minibatches", "1", "--warmup-steps", "0",
             "--grad-clip", "1.0", "--weight-decay", "0",
             "--max-steps", str(steps), "--eval-every", "0", "--save-every", "1000000", "--device", device, "--out", out]
+    if rollout_dtype:  # "float32" on CPU: TRL samples from its fp32 policy, so does rlsp (its default may be bf16)
+        argv += ["--rollout-dtype", rollout_dtype]
     p = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"the rlsp RL run failed:\n{p.stderr[-3000:]}")
@@ -267,6 +333,7 @@ def rl_steps_trl(model, data_dir, steps, out, device="cpu"):
                         scale_rewards="group", num_iterations=1, learning_rate=c["lr"], lr_scheduler_type="constant",
                         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
                         shuffle_dataset=False, bf16=device != "cpu", use_cpu=device == "cpu", report_to="none",
+                        gradient_checkpointing=False,  # GRPOConfig's default is on; rlsp's run has it off
                         logging_steps=1,
                         save_strategy="no", seed=c["seed"], disable_tqdm=True)
     times, marks = [], {}
@@ -315,12 +382,18 @@ def bench_rl_step(args):
         args.model = smollm2_path()
     steps = args.rl_steps
     best = {}
+    cpu = args.device == "cpu"
+    # Like for like, rlsp samples in fp32 on CPU as TRL does; where rlsp's own default (model.sampling_dtype)
+    # is bf16 on this CPU, a third side shows the step as a user gets it.
+    bf16 = cpu and sampling_dtype(Config.from_pretrained(args.model), torch.device("cpu")) == torch.bfloat16
+    sides = ("rlsp", "trl") + (("rlsp, bf16 sampler",) if bf16 else ())
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for side in ("rlsp", "trl"):
-                out = os.path.join(tmp, f"{side}-{r}")
-                if side == "rlsp":
-                    rows = rl_steps_ours(args.model, args.data_dir, steps, out, args.device)
+            for side in sides:
+                out = os.path.join(tmp, f"{side.replace(', ', '-').replace(' ', '-')}-{r}")
+                if side.startswith("rlsp"):
+                    rows = rl_steps_ours(args.model, args.data_dir, steps, out, args.device,
+                                         ("float32" if side == "rlsp" else "bfloat16") if cpu else None)
                 else:
                     code = ("import json, sys; sys.path.insert(0, '.'); import bench\n"
                             "rows = bench.rl_steps_trl(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:])\n"
@@ -348,6 +421,16 @@ def bench_rl_step(args):
         a, b = best["rlsp"][k], best["trl"][k]
         print(f"| {name:<16} | {a:7.1f} | {b:15.1f} | {b / a:5.2f}x |")
     print(f"| {'new tokens':<16} | {best['rlsp'][3]:7.0f} | {best['trl'][3]:15.0f} |        |")
+    if bf16:
+        g, t, tot, n = best["rlsp, bf16 sampler"]
+        print(f"rlsp with its default sampler on this CPU (a bf16 copy, model.sampling_dtype): generation {g:.1f} s, "
+              f"training {t:.1f} s, total {tot:.1f} s ({best['trl'][2] / tot:.2f}x TRL's fp32 step), {n:.0f} tokens")
+    precision = "fp32, no autocast, sampling in fp32 (rlsp --rollout-dtype float32)" if args.device == "cpu" else \
+        "fp32 weights, bf16 autocast"
+    print(f"Both sides: {precision}; gradient checkpointing off; no KL term (TRL beta 0, so its KL importance "
+          f"correction does not apply); one update per rollout batch; AdamW(0.9, 0.95), lr {c['lr']}, no weight "
+          f"decay, clip 1.0; the same problems, chat template, G, lengths and sampling; rlsp's outcome reward; "
+          f"best of {args.repeats} runs each, the first step of a run a warm-up.")
 
 
 def bench_prefill(args, ours, ref, device):
@@ -379,51 +462,46 @@ def bench_training(args, ours, ref, device):
     return x.numel() / t_ours, x.numel() / t_ref
 
 
-def roofline_fraction(model, prompts, new_tokens, tokens_per_s, batch, device):
-    """Achieved bytes/s over peak: per decode step, all weights + the mean KV cache are read once."""
-    name = torch.cuda.get_device_name(device)
-    peak = next((bw for k, bw in PEAK_BANDWIDTH.items() if k in name), None)
-    if peak is None:
-        return None
-    cfg = model.config
-    elem = next(model.parameters()).element_size()
-    weights = sum(p.numel() for p in model.parameters()) * elem
-    mean_ctx = sum(len(p) for p in prompts) / len(prompts) + new_tokens / 2
-    kv = batch * mean_ctx * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem
-    steps_per_s = tokens_per_s / batch
-    return (weights + kv) * steps_per_s / peak
-
-
 def run(args, path, label, device, dtype):
     from transformers import AutoModelForCausalLM
     ours = Transformer.from_pretrained(path, device=device, dtype=dtype)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    prompts = prompts_for(args, ours.config.vocab_size)
-    lengths = sorted(len(p) for p in prompts)
-    print(f"{label}: {len(prompts)} prompts of {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]})")
     measures = args.measures.split(",")
-    rows = []
+    rows, shares = [], []
     if "sampling" in measures:
-        s = bench_sampling(args, ours, ref, prompts, device)
-        rows.append((f"sampling, new tokens/s (batch {args.batch} x {args.new_tokens})", *s))
-        if device.type == "cuda":
-            frac = roofline_fraction(ours, prompts, args.new_tokens, s[0], args.batch, device)
-            if frac is not None:
-                print(f"{label}: rlsp sampler reaches {frac:.1%} of the memory-bandwidth roofline")
+        bandwidth = args.bandwidth
+        for name, uniform in (("mixed-length prompts", False), ("uniform prompts", True)):
+            prompts = prompts_for(args, ours.config.vocab_size, uniform)
+            lengths = sorted(len(p) for p in prompts)
+            print(f"{label}, {name}: {len(prompts)} of {lengths[0]}-{lengths[-1]} tokens "
+                  f"(median {lengths[len(lengths) // 2]})")
+            a, b = bench_sampling(args, ours, ref, prompts, device)
+            rows.append((f"sampling, {name}, new tokens/s", a, b))
+            per_step = step_bytes(ours, prompts, args.new_tokens)  # one step makes `batch` tokens
+            shares.append((name, f"{lengths[0]}-{lengths[-1]}", per_step, *(x / args.batch * per_step / bandwidth
+                                                                             for x in (a, b))))
     if "prefill" in measures:
         rows.append((f"prefill, tokens/s ({args.prefill_batch} x {args.prefill_len})",
                      *bench_prefill(args, ours, ref, device)))
     if "train" in measures:
         rows.append((f"train fwd+bwd, tokens/s ({args.train_batch} x {args.train_len})",
                      *bench_training(args, ours, ref, device)))
-    print(f"\n{label} ({dtype}, {device_name(device)})")
+    print(f"\n{label} ({str(dtype).removeprefix('torch.')}, {device_name(device)}); sampling: batch {args.batch} x "
+          f"{args.new_tokens} new tokens, greedy, every row to full length")
     if rows:
         print(f"| {'measure':<42} | {'rlsp':>9} | {'transformers':>12} | {'ratio':>6} |")
         print(f"|{'-' * 44}|{'-' * 11}|{'-' * 14}|{'-' * 8}|")
         for name, a, b in rows:
             print(f"| {name:<42} | {a:9.1f} | {b:12.1f} | {a / b:5.2f}x |")
+    if shares:
+        print(f"\nshare of the memory-bandwidth limit ({args.bandwidth / 1e9:.1f} GB/s {args.bandwidth_source}): bytes a "
+              f"decode step must read (weights + mean KV cache) x steps/s")
+        print(f"| {'prompts':<18} | {'tokens':>9} | {'MB/step':>8} | {'rlsp':>6} | {'transformers':>12} |")
+        print(f"|{'-' * 20}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
+        for name, span, per_step, a, b in shares:
+            print(f"| {name:<18} | {span:>9} | {per_step / 1e6:8.1f} | {a:6.1%} | {b:12.1%} |")
     if "rollout" in measures:
-        a, b = bench_group_rollout(args, ours, prompts, device)
+        a, b = bench_group_rollout(args, ours, prompts_for(args, ours.config.vocab_size), device)
         name = f"rollout, new tokens/s ({args.group_prompts} prompts x G={args.group_size} x {args.new_tokens})"
         print(f"\n| {'measure':<50} | {'one prefill per group':>21} | {'G prefills':>10} | {'ratio':>6} |")
         print(f"|{'-' * 52}|{'-' * 23}|{'-' * 12}|{'-' * 8}|")
@@ -437,21 +515,24 @@ def device_name(device):
 
 
 def main(argv=None):
+    import cli
     from cli import Parser, positive
     p = Parser(description=__doc__)
     p.add_argument("--model", default=os.path.join(".cache", "tests", "SmolLM2-135M-Instruct"),
                    help="HF model folder for the CPU run (default: the SmolLM2 test fixture)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weights and compute (default: "
+                   "fp32 on CPU, bf16 on GPU)")
     p.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b", help="GPU: random-weight shapes to bench")
-    p.add_argument("--batch", type=positive, default=None, help="prompts (default 16 on CPU, 64 on GPU)")
-    p.add_argument("--new-tokens", type=positive, default=None, help="new tokens per prompt (default 128 CPU, 512 GPU)")
+    p.add_argument("--batch", type=positive, default=None, help="prompts (default: 16 on CPU, 64 on GPU)")
+    p.add_argument("--new-tokens", type=positive, default=None, help="new tokens per prompt (default: 128 on CPU, "
+                   "512 on GPU)")
     p.add_argument("--max-prompt", type=positive, default=4096, help="prompts are cut to this many tokens")
     p.add_argument("--repeats", type=positive, default=3, help="timed sampling runs per implementation (best is kept)")
-    p.add_argument("--prefill-batch", type=positive, default=4)
-    p.add_argument("--prefill-len", type=positive, default=512)
-    p.add_argument("--train-batch", type=positive, default=4)
-    p.add_argument("--train-len", type=positive, default=256)
+    p.add_argument("--prefill-batch", type=positive, default=4, help="prefill measure: prompts")
+    p.add_argument("--prefill-len", type=positive, default=512, help="prefill measure: tokens per prompt")
+    p.add_argument("--train-batch", type=positive, default=4, help="training measure: rows")
+    p.add_argument("--train-len", type=positive, default=256, help="training measure: tokens per row")
     p.add_argument("--group-prompts", type=positive, default=4, help="rollout bench: prompts (each sampled G times)")
     p.add_argument("--group-size", type=positive, default=8, help="rollout bench: G, samples per prompt")
     p.add_argument("--rl-steps", type=positive, default=2, help="rlstep: steps per run (the first is a warm-up)")
@@ -459,14 +540,14 @@ def main(argv=None):
                    help="which measurements to run; `memory` alone checks the RL memory plan on CPU instead, "
                         "`verifier` alone measures the verifier's verdicts/s, `rlstep` alone compares one RL step "
                         "with TRL's GRPOTrainer (CPU, SmolLM2; --repeats rounds)")
-    p.add_argument("--data-dir", default=os.environ.get("RLSP_DATA_DIR", os.path.join("..", "shared", "data")))
+    p.add_argument("--data-dir", default=os.environ.get("RLSP_DATA_DIR", os.path.join("..", "shared", "data")),
+                   help="folder with math500.jsonl and gsm8k_train.jsonl ($RLSP_DATA_DIR when set)")
     args = p.parse_args(argv)
     measures = set(args.measures.split(","))
     if not measures <= {"sampling", "prefill", "train", "rollout"} and args.measures not in ("memory", "verifier", "rlstep"):
         p.error(f"--measures takes sampling, prefill, train, rollout (comma-separated), or memory, verifier or "
                 f"rlstep alone (got {args.measures!r})")
-    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
-        p.error(f"--device {args.device}: expected cpu, or cuda[:N] where torch sees a CUDA device")
+    cli.check_device(p, args.device)
     if args.measures == "memory":
         return check_rl_memory_plan(args)
     if args.measures == "verifier":
@@ -475,22 +556,34 @@ def main(argv=None):
         return bench_rl_step(args)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    # Every precision rlsp may sample in here, each on both sides: bf16 on GPU; on CPU fp32, and bf16 too
+    # where the CPU multiplies bf16 natively (model.sampling_dtype picks between them for a run).
+    dtypes = [getattr(torch, args.dtype)] if args.dtype else [torch.bfloat16] if gpu else \
+        [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
     args.batch = args.batch or (64 if gpu else 16)
     args.new_tokens = args.new_tokens or (512 if gpu else 128)
+    name = torch.cuda.get_device_name(device) if gpu else ""
+    spec = next((bw for k, bw in PEAK_BANDWIDTH.items() if k in name), None)
+    args.bandwidth, args.bandwidth_source = (spec, "the card's spec") if spec else \
+        (memory_bandwidth(device), "measured: a 512 MiB copy") if "sampling" in measures else (None, None)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         for shape in args.shapes.split(","):
             with tempfile.TemporaryDirectory() as folder:
                 args.model = random_checkpoint(shape, folder)
-                run(args, folder, f"{shape} (random weights)", device, dtype)
+                for dtype in dtypes:
+                    run(args, folder, f"{shape} (random weights)", device, dtype)
     else:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             import sys
             sys.path.insert(0, "tests")
             from conftest import smollm2_path
             args.model = smollm2_path()
-        run(args, args.model, os.path.basename(os.path.normpath(args.model)), device, dtype)
+        for dtype in dtypes:
+            run(args, args.model, os.path.basename(os.path.normpath(args.model)), device, dtype)
+        choice = sampling_dtype(Config.from_pretrained(args.model), device)
+        print(f"\nrlsp samples this model on this CPU in {str(choice).removeprefix('torch.')} "
+              f"(model.sampling_dtype: native bf16 units {'yes' if native_bf16() else 'no'})")
 
 
 if __name__ == "__main__":

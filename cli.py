@@ -17,8 +17,15 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirect
 interrupt_note = "nothing was kept"
 
 
-class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and "(default: ...)" after every flag that has one."""
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and "(default: ...)" once after every flag: its value, unless the
+    help says itself what the default is (where it depends on the run or the machine)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:  # positionals
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,30 +39,72 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def number(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: `kind` (int or float) within [low, high] (open ends where asked), whose error
-    says the range, e.g. "must be an integer >= 1 (got '-2')"."""
+def out_of_range(x, kind, low=None, high=None, low_open=False, high_open=False):
+    """None if x is a `kind` (int or float) within [low, high] (open ends where asked), else what it must be,
+    e.g. "must be an integer >= 1 (got 0)". The one range check: flag types and rlsp.Settings.errors use it."""
     name = "an integer" if kind is int else "a number"
     bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "",
               f"{'<' if high_open else '<='} {high}" if high is not None else ""]
-    want = f"{name} {' and '.join(b for b in bounds if b)}".strip()
+    want = f"must be {name} {' and '.join(b for b in bounds if b)}".strip()
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or (kind is int and not isinstance(x, int)) or x != x \
+            or (low is not None and (x < low or (low_open and x == low))) \
+            or (high is not None and (x > high or (high_open and x == high))):
+        return f"{want} (got {x!r})"
+    return None
 
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` (int or float) within [low, high] (open ends where asked), whose error
+    says the range, e.g. "must be an integer >= 1 (got '-2')"."""
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {want} (got {text!r})") from None
-        if x != x or (low is not None and (x < low or (low_open and x == low))) or \
-                (high is not None and (x > high or (high_open and x == high))):
-            raise argparse.ArgumentTypeError(f"must be {want} (got {text!r})")
+            x = text
+        problem = out_of_range(x, kind, low, high, low_open, high_open)
+        if problem:
+            raise argparse.ArgumentTypeError(problem.replace(f"(got {x!r})", f"(got {text!r})"))
         return x
-    parse.__name__ = want  # argparse names the type in some messages
+    parse.__name__ = out_of_range(None, kind, low, high, low_open, high_open)[len("must be "):].split(" (got")[0]
     return parse
 
 
 positive = number(int, 1)           # counts and sizes
 non_negative = number(int, 0)       # counts where 0 means "off" (documented at the flag)
 fraction = number(float, 0, 1, low_open=True)  # (0, 1]: top-p
+
+
+def changed_flags(saved, args, names, defaults):
+    """The flags among `names` whose value in `args` differs from the run saved as `saved` (its args.json),
+    as "--flag old -> new". A flag newer than the saved run is not in it: that run behaved as the flag's
+    default (a flag is added with a default that keeps the old behaviour), so the default stands in."""
+    out = []
+    for k in names:
+        old = saved.get(k, defaults.get(k))
+        if old != getattr(args, k):
+            out.append(f"--{k.replace('_', '-')} {old!r} -> {getattr(args, k)!r}")
+    return out
+
+
+def check_device(parser, device, torchrun=False):
+    """--device: cpu, cuda or cuda:N, with N a GPU this process sees; under torchrun each process takes
+    cuda:LOCAL_RANK, so an index there is refused rather than ignored."""
+    if not device:
+        return
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        parser.error(f"--device must be cpu, cuda or cuda:N (got {device!r})")
+    if kind == "cpu":
+        return
+    import torch
+    if not torch.cuda.is_available():
+        parser.error(f"--device {device}: this torch build sees no CUDA device (torch.cuda.is_available() is False)")
+    if index and torchrun:
+        parser.error(f"--device {device}: under torchrun each process takes the GPU of its local rank; pass "
+                     f"--device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if index and int(index) >= torch.cuda.device_count():
+        parser.error(f"--device {device}: this process sees {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                     f"cuda:{torch.cuda.device_count() - 1}")
 
 
 def run(main, argv=None):

@@ -123,7 +123,11 @@ def download(url, dest, expected_sha256):
 def dataset_path(name, data_dir=None):
     """Local path of a named dataset: the data folder, else the cache, else a verified download."""
     file, url, digest, _ = DATASETS[name]
+    if data_dir and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data-dir {data_dir}: no such folder")
     data_dir = data_dir or os.environ.get("RLSP_DATA_DIR")
+    if data_dir and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"RLSP_DATA_DIR={data_dir}: no such folder")
     if data_dir and os.path.isfile(os.path.join(data_dir, file)):
         return os.path.join(data_dir, file)
     cached = os.path.join(cache_dir(), file)
@@ -136,6 +140,9 @@ def read_jsonl(path):
     """Rows of a JSONL file; a malformed line is an error naming file and line. A path that is not a file
     is an error listing the dataset names, in case a name was meant."""
     if not os.path.isfile(path):
+        if os.path.splitext(path)[1] or os.sep in path:  # meant as a file
+            raise FileNotFoundError(f"{path}: no such file" + (" (a folder: name a JSONL file in it)"
+                                                               if os.path.isdir(path) else ""))
         raise FileNotFoundError(f"{path!r} is neither a dataset name ({', '.join(DATASETS)}) nor a JSONL file")
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -170,14 +177,16 @@ def load_dataset(name, data_dir=None, limit=None, skip_missing=False, problem_fi
         try:
             rid, problem, answer, meta = parse(row)
         except KeyError as e:
-            raise ValueError(f"{path}:{n}: missing field {e.args[0]!r}") from None
+            raise ValueError(f"{path}:{n}: no {e.args[0]!r} field; the row has {', '.join(map(repr, row)) or 'none'}. "
+                             f"Each row needs a problem and its answer: name their fields with --problem-field and "
+                             f"--answer-field (now {problem_field!r} and {answer_field!r})") from None
         answer = "" if answer is None else str(answer).strip()
         if not answer:
             if skip_missing:
                 skipped += 1
                 continue
-            raise ValueError(f"{path}:{n}: item has no answer (field {answer_field!r}); "
-                             f"pass skip_missing=True to skip such items")
+            raise ValueError(f"{path}:{n}: no answer in field {answer_field!r}; the row has "
+                             f"{', '.join(map(repr, row))} (--answer-field names the answer's field)")
         records.append(Record(str(rid) if rid is not None else f"{os.path.basename(path)}:{n}", problem, answer, meta))
         if limit and len(records) >= limit:
             break

@@ -110,31 +110,55 @@ def summarize(samples, mode="strict"):
     return out
 
 
-def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0, top_p=1.0, max_new_tokens=1024,
-             prompt="paper", extract="strict", batch_size=32, seed=0, progress=True, workers=None):
-    """Sample `samples` responses per record, grade them in both harnesses, return the summary dict.
-    With `out_dir`, sample lines are appended to out_dir/samples.jsonl batch by batch and finished
-    batches are skipped on a rerun; summary.json is written at the end. train.py calls this too."""
+def evaluate(model, tokenizer, records, out_dir=None, extract="strict", **kw):
+    """Sample and grade (sample_records; `kw` are its settings), then summarise: the summary dict, also
+    written to out_dir/summary.json."""
+    return write_summary(sample_records(model, tokenizer, records, out_dir, extract=extract, **kw), extract, out_dir)
+
+
+def write_summary(lines, extract, out_dir=None):
+    summary = summarize(lines, extract)
+    if out_dir:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def append_samples(path, lines):
+    """Sample lines added to samples.jsonl and flushed to disk, so a kill loses at most the batch in flight
+    (a line it cut off is dropped first, so that the next line starts on a line of its own)."""
+    if os.path.isfile(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(s) + "\n" for s in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sample_records(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0, top_p=1.0,
+                   max_new_tokens=1024, prompt="paper", extract="strict", batch_size=32, seed=0, progress=True,
+                   workers=None):
+    """Sample `samples` responses per record and grade them in both harnesses; returns the sample lines,
+    record by record. With `out_dir`, lines are appended to out_dir/samples.jsonl batch by batch and
+    finished batches are skipped on a rerun."""
     from tqdm import tqdm
     from rlsp import sample
     work = [(r, k) for r in records for k in range(samples)]
-    done = {}
     path = os.path.join(out_dir, "samples.jsonl") if out_dir else None
-    if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    s = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut off by a kill; its batch is redone
-                done[(s["id"], s["sample"])] = s
+    done = {(s["id"], s["sample"]): s for s in read_samples(out_dir)} if path and os.path.isfile(path) else {}
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
+    if all((r.id, k) in done for r, k in work):
+        return [done[(r.id, k)] for r, k in work]
     bar = tqdm(total=len(work), desc="eval", disable=not progress, dynamic_ncols=True)
     bar.update(sum((r.id, k) in done for r, k in work))
     for b, start in enumerate(range(0, len(work), batch_size)):
-        batch = work[start:start + batch_size]
-        if all((r.id, k) in done for r, k in batch):
+        # What this batch still needs: all of it, or (after a larger --limit) the problems past the old end.
+        batch = [(r, k) for r, k in work[start:start + batch_size] if (r.id, k) not in done]
+        if not batch:
             continue
         t0 = time.perf_counter()
         # The seed depends on the batch index only, so a resumed run redraws exactly the same samples.
@@ -158,28 +182,31 @@ def evaluate(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0
             lines.append(s)
             done[(r.id, k)] = s
         if path:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(s) + "\n" for s in lines))
-                f.flush()
-                os.fsync(f.fileno())
+            append_samples(path, lines)
         bar.update(len(batch))
         finished = [done[(r.id, k)] for r, k in work if (r.id, k) in done]
         bar.set_postfix(acc=f"{sum(s['correct'] for s in finished) / len(finished):.3f}")
     bar.close()
-    result = [done[(r.id, k)] for r, k in work]
-    summary = summarize(result, extract)
-    if out_dir:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+    return [done[(r.id, k)] for r, k in work]
 
 
 def read_samples(run_dir):
+    """A run folder's sample lines, one per (problem, sample): a last line cut off by a kill is left out
+    (its batch is redone); any other bad line is an error naming the file and the line."""
     path = os.path.join(run_dir, "samples.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (an eval run folder holds samples.jsonl)")
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    out = {}
+    for n, line in enumerate(lines[:-1], 1):  # the part after the last newline is complete only when empty
+        if line.strip():
+            try:
+                s = json.loads(line)
+                out[(s["id"], s["sample"])] = s
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: not a sample line (JSON with 'id' and 'sample')") from None
+    return list(out.values())
 
 
 def compare(run_a, run_b):
@@ -217,7 +244,9 @@ RUN_SETTINGS = ("model", "data", "limit", "samples", "temperature", "top_p", "ma
 
 
 def check_out_folder(out, args):
-    """Refuse to add samples to a folder written with other settings, naming each difference."""
+    """Refuse to add samples to a folder written with other settings, naming each difference. A larger
+    --limit is no other setting: the folder's samples are the first problems' and stay; the new problems
+    are added."""
     saved = os.path.join(out, "args.json")
     if not os.path.isfile(saved):
         if os.path.isfile(os.path.join(out, "samples.jsonl")):
@@ -226,11 +255,12 @@ def check_out_folder(out, args):
         return
     with open(saved) as f:
         old = json.load(f)
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}" for k in RUN_SETTINGS
-               if old.get(k) != getattr(args, k)]
+    grows = old.get("limit") is not None and (args.limit is None or args.limit > old["limit"])
+    changed = cli.changed_flags(old, args, [k for k in RUN_SETTINGS if not (grows and k == "limit")],
+                                vars(parser().parse_args([])))
     if changed:
         raise ValueError(f"{out} holds samples made with other settings ({'; '.join(changed)}); rerun with the "
-                         f"same settings to resume it, or choose another --out")
+                         f"same settings to resume it (a larger --limit adds problems), or choose another --out")
 
 
 def parser():
@@ -241,15 +271,18 @@ def parser():
     p.add_argument("--data-dir", default=None, help="folder of dataset files (default: $RLSP_DATA_DIR, else download)")
     p.add_argument("--samples", type=positive, default=1, help="samples per problem")
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=fraction, default=1.0)
-    p.add_argument("--max-new-tokens", type=positive, default=1024)
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling (1 = off)")
+    p.add_argument("--max-new-tokens", type=positive, default=1024, help="tokens per answer at most")
     p.add_argument("--prompt", default="paper", help="paper | boxed | a template with {problem}")
     p.add_argument("--extract", default="strict", choices=("strict", "paper"), help="grading harness for `accuracy`")
     p.add_argument("--limit", type=positive, default=None, help="first N problems")
     p.add_argument("--batch-size", type=positive, default=32, help="responses sampled at once")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run folder (default runs/eval-DATA)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch b draws with seed + b)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/eval-DATA)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights the sampler reads: auto = bf16 on GPU; on CPU fp32, or bf16 where the CPU has bf16 "
+                        "units and it measures faster (model.sampling_dtype)")
     p.add_argument("--problem-field", default="problem", help="for a JSONL file")
     p.add_argument("--answer-field", default="answer", help="for a JSONL file")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two finished runs")
@@ -266,26 +299,47 @@ def main(argv=None):
     if args.temperature == 0 and args.samples > 1:
         p.error(f"--samples {args.samples} with --temperature 0 draws the same greedy response {args.samples} times; "
                 f"use --temperature > 0 (e.g. 0.6) or --samples 1")
-    if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda[:N] (got {args.device!r})")
-    from model import Tokenizer, Transformer
     import torch
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this torch build sees no CUDA device (torch.cuda.is_available() is False)")
+    from model import Config, Tokenizer, Transformer, local_folder, sampling_dtype
+    cli.check_device(p, args.device)
     out = args.out or os.path.join("runs", f"eval-{os.path.splitext(os.path.basename(args.data))[0]}")
     records = load_dataset(args.data, args.data_dir, limit=args.limit, problem_field=args.problem_field,
                            answer_field=args.answer_field)
     if not records:
         raise ValueError(f"{args.data}: no problems to evaluate")
     check_out_folder(out, args)
-    model = Transformer.from_pretrained(args.model, device=args.device)
-    tokenizer = Tokenizer.from_pretrained(args.model)
+    done = {(s["id"], s["sample"]) for s in read_samples(out)} if os.path.isfile(os.path.join(out, "samples.jsonl")) \
+        else set()
+    if all((r.id, k) in done for r in records for k in range(args.samples)):
+        print(f"{out} is complete: all {len(records)} problems x {args.samples} samples were evaluated; its summary:")
+        s = write_summary([s for s in read_samples(out) if s["id"] in {r.id for r in records}], args.extract, out)
+        print_summary(args, s, out)
+        return s
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = local_folder(args.model)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else sampling_dtype(Config.from_pretrained(path), device)
+    used = str(dtype).removeprefix("torch.")
+    saved = os.path.join(out, "args.json")
+    if os.path.isfile(saved):  # the precision the folder's samples were drawn in (before --dtype: the default)
+        with open(saved) as f:
+            before = json.load(f).get("dtype_used", "bfloat16" if torch.device(device).type == "cuda" else "float32")
+        if before != used:
+            raise ValueError(f"{out} holds samples drawn in {before}; this run would sample in {used} (--dtype "
+                             f"{args.dtype}): pass --dtype {before} to resume it, or choose another --out")
+    model = Transformer.from_pretrained(path, device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_pretrained(path)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+        json.dump({**vars(args), "dtype_used": used}, f, indent=2)
     cli.interrupt_note = f"finished batches are kept in {os.path.join(out, 'samples.jsonl')}; rerun the same command to continue"
-    s = evaluate(model, tokenizer, records, out, args.samples, args.temperature, args.top_p, args.max_new_tokens,
-                 args.prompt, args.extract, args.batch_size, args.seed)
+    s = evaluate(model, tokenizer, records, out, args.extract, samples=args.samples, temperature=args.temperature,
+                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, prompt=args.prompt, batch_size=args.batch_size,
+                 seed=args.seed)
+    print_summary(args, s, out)
+    return s
+
+
+def print_summary(args, s, out):
     lo, hi = s["ci95"]
     print(f"{args.data}: accuracy ({args.extract}) {s['accuracy']:.4f} [95% CI {lo:.4f}, {hi:.4f}] | "
           f"strict {s['accuracy_strict']:.4f} paper {s['accuracy_paper']:.4f} | n={s['n_problems']} x {s['samples_per_problem']} | "
@@ -293,7 +347,6 @@ def main(argv=None):
           (f" (thinking {s['mean_think_length']:.0f}, answer {s['mean_answer_length']:.0f})" if "mean_think_length" in s else "") +
           f" | truncated {s['truncation_rate']:.3f} | no answer {s['no_answer_rate']:.3f}")
     print(f"summary: {os.path.join(out, 'summary.json')}")
-    return s
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The model is sharded with `fully_shard` per decoder block and at the root: each 
 every fp32 tensor, a block's full weights exist only while it computes (gathered in bf16 on GPU,
 gradients reduce-scattered in fp32). Checkpoints stay HF folders, gathered to rank 0; the exact trainer
 state (sharded weights and optimizer) is saved by every rank with torch.distributed.checkpoint. The
-sampler reads a plain copy of the full weights, gathered once per rollout.
+sampler reads a plain copy of the full weights, gathered again after each update (rlsp.RolloutWeights).
 """
 import os
 
@@ -14,24 +14,28 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from model import Config, Linear, Transformer, rope_frequencies
 
 
-def load_sharded(path, device):
+def load_sharded(path, device, offload=False):
     """The checkpoint at `path`, sharded over the ranks. Only rank 0 reads the files (into CPU memory);
     every other rank starts from an empty model and receives just its shards, so no rank but 0 ever
-    holds the full fp32 model."""
+    holds the full fp32 model. `offload` (--offload): the shards, their gradients and so AdamW's moments
+    and step live in CPU memory (FSDP2's CPUOffloadPolicy): each block's shards are copied to the GPU for
+    its all-gather, its gradients back after the reduce-scatter, and the optimizer steps on the CPU. The
+    process group then needs a CPU backend beside NCCL (train.setup_distributed)."""
     cfg = Config.from_pretrained(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     for block in model.model.layers:
-        fully_shard(block, mp_policy=mixed)
-    fully_shard(model, mp_policy=mixed)
-    model.to_empty(device=device)
+        fully_shard(block, mp_policy=mixed, offload_policy=policy)
+    fully_shard(model, mp_policy=mixed, offload_policy=policy)
+    model.to_empty(device="cpu" if offload else device)
     full = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32).state_dict() \
         if dist.get_rank() == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -52,7 +56,13 @@ def gather_into(copy, model):
     tensor at a time, so no rank holds a second full fp32 model; every rank must call it."""
     with torch.no_grad():
         for c, p in zip(copy.parameters(), model.parameters()):
-            c.copy_(p.full_tensor())
+            c.copy_(on_device(p, c.device).full_tensor())
+
+
+def on_device(p, device):
+    """A sharded weight whose shard is on `device` (an offloaded shard is copied there first), so that its
+    all-gather runs on the GPU's collectives rather than the CPU's."""
+    return p.to(device) if p.device != device else p
 
 
 def save_state(model, optimizer, folder):
@@ -78,7 +88,7 @@ def load_rank_state(folder, rank):
     """This rank's random state from a checkpoint folder; a missing or unreadable file is a one-line error."""
     file = rank_file(folder, rank)
     try:
-        return torch.load(file, weights_only=False)
+        return torch.load(file, weights_only=True)  # a run folder may come from someone else: no pickled code
     except FileNotFoundError:
         raise FileNotFoundError(f"{file} not found: the checkpoint lacks this rank's random state") from None
     except Exception as e:  # a truncated or corrupt file: torch.load raises several kinds

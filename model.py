@@ -96,8 +96,11 @@ def local_folder(model, files=HUB_FILES):
     """A model folder on disk: `model` itself, or for a hub id (`org/name`, `org/name@revision`) the
     folder its `files` (patterns; all checkpoint files by default) are downloaded to once, in the
     Hugging Face cache (HF_HOME; HF_ENDPOINT for a mirror, HF_TOKEN for gated models, HF_HUB_OFFLINE=1
-    to use only the cache). Later calls read the cache (online: after one metadata request)."""
-    if os.path.exists(model) or not HUB_ID.fullmatch(model):
+    to use only the cache). Later calls read the cache (online: after one metadata request). A name that
+    looks like a path (starting with /, ~ or ., holding ./ or ../, or under a folder that exists here) is
+    never taken for a hub id: a mistyped or unmounted local folder must fail, not fetch a stranger's repo."""
+    looks_local = model.startswith(("/", "~", ".")) or "./" in model or os.path.isdir(model.split("/")[0])
+    if os.path.exists(model) or looks_local or not HUB_ID.fullmatch(model):
         return model
     repo, _, revision = model.partition("@")
     try:
@@ -188,14 +191,17 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear; on CPU without gradients (sampling, evaluation) it multiplies by a oneDNN-packed copy
-    of an fp32 weight, rebuilt whenever the weight changes (new storage or a bumped version counter, as
-    after an optimizer step). The blocked layout streams from memory far better than a row-major sgemm:
-    ~1.7x faster at decode batch sizes, ~1.15x in prefill on CI's CPU (bench.py). It costs one extra
+    of an fp32 or bf16 weight, rebuilt whenever the weight changes (new storage or a bumped version counter,
+    or Transformer.weights_changed after an optimizer step). The blocked layout streams from memory far
+    better than a row-major GEMM: ~1.7x faster at decode batch sizes in fp32, ~1.15x in prefill (AMD EPYC
+    VM), ~1.5-2x in bf16 on AMX (Intel Xeon VM), with bit-identical results (bench.py). It costs one extra
     copy of the weights while the model is on CPU; moving the model drops it."""
-    packable = True  # turned off, for every layer, the first time this torch build cannot pack
+    packable = True  # a layer whose weight no packed copy can track turns it off (fsdp.py, tp.py)
+    unpackable = set()  # dtypes this torch build could not pack (then F.linear, for every layer)
 
     def forward(self, x):
-        if x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.dtype == x.dtype == torch.float32 \
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.dtype == x.dtype \
+                and x.dtype in (torch.float32, torch.bfloat16) and x.dtype not in self.unpackable \
                 and self.packable and not torch.is_autocast_enabled("cpu"):  # autocast: F.linear runs it in bf16
             w = self.packed_weight()
             if w is not None:
@@ -211,8 +217,8 @@ class Linear(nn.Linear):
         if cached is None or cached[0] != key:
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)  # 16: a batch-size hint
-            except (AttributeError, RuntimeError):  # no oneDNN in this torch build
-                Linear.packable = False
+            except (AttributeError, RuntimeError):  # no oneDNN in this torch build, or not for this dtype
+                Linear.unpackable.add(w.dtype)
                 return None
             self._packed = cached = (key, w.untyped_storage(), packed)
         return cached[2]
@@ -242,8 +248,9 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_pos=None, prefix=None):
-        """`cache`: decoding buffers, written at cache_pos. `prefix`: keys/values of a shared prompt (training,
-        see Transformer.continuation_logprobs), attended before this call's own; returns (out, own k, v) then."""
+        """Attention output and this call's own keys and values (B x n_kv x T x hd, after RoPE). `cache`:
+        decoding buffers, written at cache_pos, attended whole. `prefix`: keys/values of a shared prompt
+        (training, see Transformer.continuation_logprobs), attended before this call's own."""
         B, T, _ = x.shape
         q, k = self.q_proj(x).view(B, T, self.n_heads, self.hd), self.k_proj(x).view(B, T, self.n_kv, self.hd)
         if hasattr(self, "q_norm"):
@@ -256,19 +263,37 @@ class Attention(nn.Module):
             cache[0].index_copy_(2, cache_pos, k)
             cache[1].index_copy_(2, cache_pos, v)
             k, v = cache
-        gqa = self.n_kv != self.n_heads
         if prefix is not None and prefix[0] is not None:
             k, v = torch.cat((prefix[0], k), 2), torch.cat((prefix[1], v), 2)
-            if gqa and k.is_cuda:  # a mask with enable_gqa leaves only the math kernel on CUDA: expand instead
-                k, v = (t.repeat_interleave(self.n_heads // self.n_kv, 1) for t in (k, v))
-                gqa = False
         if isinstance(mask, list):  # decoding, rows in groups: rows a:b attend to keys s: onward (generate)
-            y = torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b, :, s:], v[a:b, :, s:], attn_mask=m,
-                                                          enable_gqa=gqa) for a, b, s, m in mask])
+            y = torch.cat([attention(q[a:b], k[a:b, :, s:], v[a:b, :, s:], m) for a, b, s, m in mask])
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        return y if prefix is None else (y, *own)
+            y = attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), *own
+
+
+# Tests set this to give CPU runs the shapes attention() picks on CUDA, and check them against the plain ones.
+CUDA_ATTENTION_SHAPES = False
+
+
+def attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(d) + mask) v by scaled_dot_product_attention, for q (B x H x T x d) and k, v
+    (B x H_kv x S x d) with H a multiple of H_kv (grouped-query heads); `mask` boolean (B x 1 x T x S,
+    True = attend) or None for causal. On CUDA the shapes decide the kernel: flash takes grouped heads
+    but no mask, the memory-efficient kernel takes a mask but not grouped heads, and what neither takes
+    falls to the math kernel (fp32 scores, K/V expanded per head, T x S matrices: gigabytes per layer at
+    RL lengths). So on CUDA a masked grouped call is reshaped: a one-token query (a decode step) folds
+    its H / H_kv heads into the query axis, T = H / H_kv against the shared keys with no copy; a longer
+    query (prefill, SFT's packed rows, the RL continuation pass) gets K/V expanded to H heads. On CPU,
+    SDPA's own kernel takes masks and grouped heads as they are."""
+    rep = q.shape[1] // k.shape[1]
+    if mask is None or rep == 1 or not (q.is_cuda or CUDA_ATTENTION_SHAPES):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=rep > 1)
+    B, H, T, d = q.shape
+    if T == 1:  # head h = j * rep + r of query row 0 becomes head j, query row r; the mask broadcasts over r
+        y = F.scaled_dot_product_attention(q.reshape(B, H // rep, rep, d), k, v, attn_mask=mask)
+        return y.reshape(B, H, 1, d)  # reshape: CUDA kernels may return (B, rep, H_kv, d) memory, transposed
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
 
 
 class MLP(nn.Module):
@@ -291,10 +316,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_pos=None, prefix=None):
-        if prefix is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        y, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix=prefix)
+        """The block's output and its attention's own keys and values (see Attention.forward)."""
+        y, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos, prefix)
         x = x + y
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -318,6 +341,15 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.rope_scale = rope_attention_factor(cfg)
         self.gradient_checkpointing = False
+        self.updates = 0  # weight updates so far (weights_changed); copies of the weights compare against it
+
+    def weights_changed(self):
+        """Say that the weights were changed in place: train.py calls it after every optimizer step. A
+        tensor's version counter is not enough to notice: fused AdamW (CUDA, and CPU) writes the weights
+        without bumping it. Drops the packed CPU copies and counts the update (see rlsp.RolloutWeights)."""
+        self.updates += 1
+        for m in self.modules():
+            m.__dict__.pop("_packed", None)
 
     def hidden_states(self, input_ids, positions=None, mask=None, caches=None, cache_pos=None, prefix=None):
         """Final-norm hidden states B x T x D. `positions` (B x T) default to 0..T-1; `mask` is a
@@ -338,14 +370,13 @@ class Transformer(nn.Module):
         kv = []
         for i, layer in enumerate(self.model.layers):
             cache = None if caches is None else caches[i]
-            extra = () if prefix is None else (prefix[i],)
+            pre = None if prefix is None else prefix[i]
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, None, *extra,
-                                                      use_reentrant=False)
+                x, k, v = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, None, pre,
+                                                            use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, cache_pos, *extra)
+                x, k, v = layer(x, cos, sin, mask, cache, cache_pos, pre)
             if prefix is not None:
-                x, k, v = x
                 kv.append((k, v))
         return self.model.norm(x) if prefix is None else (self.model.norm(x), kv)
 
@@ -396,7 +427,10 @@ class Transformer(nn.Module):
         to their own), and the vocabulary projection runs only where a continuation token is predicted.
         Equal to one pass over each prompt + continuation (test)."""
         dev = self.inv_freq.device
-        P, R = max(map(len, prompts)), max(map(len, continuations)) - 1  # a last token is only a target
+        # A last token is only a target. At least one position runs even when every continuation is one token
+        # long: under FSDP each pass gathers every block's weights with the other ranks, so every rank must
+        # run the same passes whatever its continuations' lengths.
+        P, R = max(map(len, prompts)), max(1, max(map(len, continuations)) - 1)
         p_len = torch.tensor([len(p) for p in prompts], device=dev)
         p_ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)  # right-padded: causal suffices
         h, kv = self.hidden_states(p_ids, prefix=[(None, None)] * len(self.model.layers))
@@ -404,15 +438,14 @@ class Transformer(nn.Module):
         index = []  # where each continuation token's hidden state sits in cat(flat)
         for i, c in enumerate(continuations):
             index += [prompt_of[i]] * bool(c) + [len(prompts) + i * R + j for j in range(len(c) - 1)]
-        if R > 0:
-            g = torch.tensor(prompt_of, device=dev)
-            c_ids = torch.tensor([c[:-1] + [0] * (R + 1 - len(c)) for c in continuations], device=dev)
-            positions = p_len[g][:, None] + torch.arange(R, device=dev)
-            prompt_keys = (torch.arange(P, device=dev) < p_len[g][:, None])[:, None, None, :].expand(-1, 1, R, P)
-            own_keys = torch.ones(R, R, dtype=torch.bool, device=dev).tril().expand(len(continuations), 1, R, R)
-            mask = torch.cat((prompt_keys, own_keys), dim=-1)
-            hc, _ = self.hidden_states(c_ids, positions, mask, prefix=[(k[g], v[g]) for k, v in kv])
-            flat.append(hc.flatten(0, 1))
+        g = torch.tensor(prompt_of, device=dev)
+        c_ids = torch.tensor([(c[:-1] + [0] * R)[:R] for c in continuations], device=dev)
+        positions = p_len[g][:, None] + torch.arange(R, device=dev)
+        prompt_keys = (torch.arange(P, device=dev) < p_len[g][:, None])[:, None, None, :].expand(-1, 1, R, P)
+        own_keys = torch.ones(R, R, dtype=torch.bool, device=dev).tril().expand(len(continuations), 1, R, R)
+        mask = torch.cat((prompt_keys, own_keys), dim=-1)
+        hc, _ = self.hidden_states(c_ids, positions, mask, prefix=[(k[g], v[g]) for k, v in kv])
+        flat.append(hc.flatten(0, 1))
         targets = torch.tensor([t for c in continuations for t in c], device=dev)
         h = torch.cat(flat)[torch.tensor(index, dtype=torch.long, device=dev)]
         return self.token_logprobs(h, targets, temperature, chunk_tokens)
@@ -437,6 +470,9 @@ class Transformer(nn.Module):
         if os.path.isfile(index):
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
+            for name in files:  # shards are files of this folder, never a path out of it
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    raise ValueError(f"{index}: shard {name!r} in weight_map is not a file name in the model folder")
         else:
             files = ["model.safetensors"]
         loaded, unexpected, bad_shape = set(), [], []
@@ -525,15 +561,70 @@ def parameter_count(cfg: Config):
     return V * h * (1 if cfg.tie_word_embeddings else 2) + L * (h * (q + 2 * kv) + bias + q * h + 3 * h * I + norms) + h
 
 
-def activation_bytes(cfg: Config, tokens, checkpointing=False, elem=2):
-    """Bytes saved for backward by one forward over `tokens` tokens under bf16 autocast (elem = 2; 4 for
-    plain fp32): per layer the norm inputs (fp32), q/k/v, attention output, MLP input / gate / up /
-    activation; with gradient checkpointing only each layer's fp32 input, plus one layer's worth during
-    its recompute."""
-    h, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+def linear_parameter_count(cfg: Config):
+    """Parameters that go through a Linear (what autocast casts to bf16 at every forward): all but the
+    norms and an untied input embedding."""
+    norms = cfg.num_hidden_layers * (2 * cfg.hidden_size + (2 * cfg.head_dim if cfg.qk_norm else 0)) + cfg.hidden_size
+    return parameter_count(cfg) - norms - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+
+
+def layer_activation_bytes(cfg: Config, tokens, elem=2, mixed=True, expand_kv=False):
+    """Bytes one decoder layer keeps for backward per forward over `tokens` tokens: the two norms' input and
+    output (fp32 under mixed precision: the residual stream stays fp32), each Linear's input cast to
+    `elem` bytes (mixed precision: five casts), q, k, v and the attention output as SDPA keeps them
+    (k and v expanded to every query head where CUDA needs that, see attention()), the output
+    reshaped for o_proj, the MLP's four intermediates; Qwen3's q/k norms."""
+    h, I = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    per_layer = elem * (3 * h + q + 2 * kv + q + 4 * I) + 4 * 2 * h
-    return tokens * (L * 4 * h + per_layer) if checkpointing else tokens * L * per_layer
+    k = q if expand_kv else kv
+    norms = 16 * h if mixed else 4 * elem * h
+    casts = 5 * elem * h if mixed else 0
+    qk_norm = (4 + elem) * (q + kv) if cfg.qk_norm else 0
+    return tokens * (norms + casts + qk_norm + elem * (3 * q + 2 * k + 4 * I))
+
+
+def continuation_activation_bytes(cfg: Config, prompts, P, N, R, checkpointing=False, elem=2, mixed=True,
+                                  expand_kv=False, chunk_tokens=2048):
+    """Peak bytes of one micro-batch of Transformer.continuation_logprobs kept for backward, the log-prob head
+    included: `prompts` prompts of P tokens and N continuations of R tokens. Every layer keeps its
+    activations over all prompts x P + N x R tokens (layer_activation_bytes), the prompt's keys and values
+    as each continuation row attends to them (N x P keys) and the N x R x (P + R) mask as SDPA's
+    additive bias; each layer's prompt keys (fp32 after RoPE under mixed precision) and values stay alive
+    for the continuation pass, and one boolean mask serves every layer. With gradient checkpointing each
+    layer keeps only its input (fp32 under mixed precision), and the peak is the larger of the end of the
+    forward (with the log-prob head) and one layer's recompute in backward (the head is done by then)."""
+    L, h = cfg.num_hidden_layers, cfg.hidden_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    tokens = prompts * P + N * R
+    mask = N * R * (P + R)
+    layer = layer_activation_bytes(cfg, tokens, elem, mixed, expand_kv) + \
+        2 * elem * (q if expand_kv else kv) * N * P + elem * mask
+    kept = L * prompts * P * kv * ((4 if mixed else elem) + elem) + mask
+    head = logits_chunk_bytes(cfg, N * R, chunk_tokens)
+    if checkpointing:
+        inputs = tokens * L * (4 if mixed else elem) * h
+        return inputs + kept + max(head, layer)
+    return L * layer + kept + head
+
+
+def packed_activation_bytes(cfg: Config, rows, T, checkpointing=False, elem=2, mixed=True, expand_kv=False,
+                            chunk_tokens=2048):
+    """The same for SFT's packed rows: rows x T tokens, each row's T x T block-diagonal mask (boolean, shared
+    by the layers, and as SDPA's additive bias per layer), the head over every position."""
+    L, h = cfg.num_hidden_layers, cfg.hidden_size
+    mask = rows * T * T
+    layer = layer_activation_bytes(cfg, rows * T, elem, mixed, expand_kv) + elem * mask
+    head = logits_chunk_bytes(cfg, rows * T, chunk_tokens)
+    if checkpointing:
+        return rows * T * L * (4 if mixed else elem) * h + mask + max(head, layer)
+    return L * layer + mask + head
+
+
+def prefill_bytes(cfg: Config, tokens, longest, elem=2):
+    """The sampler's largest transient while prefilling a chunk of `tokens` prompt tokens (rows of at most
+    `longest`): the MLP's intermediates, q and the expanded k, v, the chunk's mask and its bias."""
+    q, I = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
+    return tokens * elem * (3 * I + 3 * q + 2 * cfg.hidden_size) + tokens * longest * (1 + elem)
 
 
 def gathered_bytes(cfg: Config, dtype_bytes=2):
@@ -550,11 +641,13 @@ def kv_cache_bytes(cfg: Config, rows, length, dtype_bytes=2):
     return 2 * cfg.num_hidden_layers * rows * length * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
 
 
-def logits_chunk_bytes(cfg: Config, chunk_tokens=2048, tokens=None):
+def logits_chunk_bytes(cfg: Config, tokens, chunk_tokens=2048):
     """The log-prob head (`Transformer.token_logprobs`) over `tokens` positions: one chunk's fp32 logits and
-    ~2 temporaries, plus every chunk's logits kept for backward where they fit KEEP_LOGITS_BYTES."""
-    kept = (tokens or 0) * cfg.vocab_size * 4
-    return chunk_tokens * cfg.vocab_size * 4 * 3 + (kept if kept <= KEEP_LOGITS_BYTES else 0)
+    ~2 temporaries, every chunk's logits kept for backward where they fit KEEP_LOGITS_BYTES, and the
+    final hidden states it reads (fp32)."""
+    kept = tokens * cfg.vocab_size * 4
+    return min(chunk_tokens, tokens) * cfg.vocab_size * 4 * 3 + (kept if kept <= KEEP_LOGITS_BYTES else 0) + \
+        tokens * cfg.hidden_size * 4 * 3
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -630,9 +723,9 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError(f"{self.path} has no chat template (no 'chat_template' in tokenizer_config.json "
                              f"and no chat_template.jinja); pass raw text prompts instead")
-        env = _jinja_env()
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+        if self.__dict__.get("_compiled", (None,))[0] != self.chat_template:  # compiled once per template
+            self._compiled = (self.chat_template, _jinja_env().from_string(self.chat_template))
+        return self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return self.encode(self.render_chat(messages, add_generation_prompt))
@@ -664,6 +757,68 @@ def _jinja_env():
 
 
 # ----------------------------------------------------------------------------- sampling
+
+def native_bf16():
+    """True where the CPU multiplies bf16 matrices in hardware: AMX tiles or AVX-512-BF16 (torch's own
+    check, else the flags in /proc/cpuinfo). Without them bf16 is emulated and slower than fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(c is not None for c in checks):
+        return any(c() for c in checks)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+CACHE_BYTES = 64 * 2**20  # fp32 weights below this stay in the CPU's caches: sampling is compute-bound there
+_sampling_dtypes = {}
+
+
+def sampling_dtype(cfg: Config, device, rows=16, margin=1.15):
+    """The weights' dtype that samples fastest: bf16 on GPU; on CPU fp32, except where the CPU has native
+    bf16 units (`native_bf16`), the weights are too big for its caches (decode then streams them from
+    memory every step, and bf16 halves the bytes) and a decode-shaped product of this model's MLP width,
+    `rows` rows, measures at least `margin` times faster in bf16 than in packed fp32. Measured once per
+    width and process; a model small enough for the caches keeps fp32 without a measurement, so the
+    choice never depends on timing noise there. The trainer recomputes log-probs in its own precision,
+    so the sampler's dtype changes which tokens are drawn, never the update's math."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type != "cpu" or not native_bf16() or linear_parameter_count(cfg) * 4 < CACHE_BYTES:
+        return torch.float32
+    key = (cfg.hidden_size, cfg.intermediate_size, rows)
+    if key not in _sampling_dtypes:
+        with torch.random.fork_rng(devices=[]):  # its random weights leave the run's random stream alone
+            _sampling_dtypes[key] = _measure_sampling_dtype(cfg, rows, margin)
+    return _sampling_dtypes[key]
+
+
+def _measure_sampling_dtype(cfg: Config, rows, margin):
+    """bf16 if a decode-shaped product of `cfg`'s MLP width over more weights than the caches hold runs at
+    least `margin` times faster in packed bf16 than in packed fp32, else fp32 (see sampling_dtype)."""
+    import time
+    n = max(2, math.ceil(4 * CACHE_BYTES / (cfg.hidden_size * cfg.intermediate_size * 4)))  # > the caches
+    layers = [Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) for _ in range(n)]
+    x = torch.randn(rows, cfg.hidden_size)
+
+    def seconds(dtype):
+        mods = [layer.to(dtype) for layer in layers]
+        xs = x.to(dtype)
+        with torch.inference_mode():
+            for m in mods:  # warm-up: packing, oneDNN primitives
+                m(xs)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                for m in mods:
+                    m(xs)
+            return time.perf_counter() - t0
+    fp32 = seconds(torch.float32)
+    bf16 = seconds(torch.bfloat16)
+    return torch.bfloat16 if fp32 >= margin * bf16 else torch.float32
+
 
 @dataclass
 class Completion:
@@ -786,6 +941,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     # on GPU one call for the whole batch (kernel launches cost more than reading padding).
     group_block = group_block if device.type == "cpu" else L
     groups = row_groups(pad.tolist(), group_block)
+    cache_pos = torch.full((1,), P - 1, device=device)  # the slot this step's token is written to
     for t in range(max_new_tokens):
         tok, lp = sample_token(logits, temperature, top_p, top_k, generator)
         tok = torch.where(live_done, pad_id, tok)
@@ -795,20 +951,22 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         live_done = live_done | torch.isin(tok, stops)
         if t == max_new_tokens - 1:
             break
-        if (t + 1) % check_every == 0:
+        if (t + 1) % check_every == 0:  # the loop's only host-device sync: every `check_every` tokens
             n_done = int(live_done.sum())
             if n_done == len(rows):
                 break
             if n_done * 2 >= len(rows):  # compact: drop finished rows from every tensor of the batch
                 keep = (~live_done).nonzero().squeeze(1)
                 rows, pad, tok, live_done = rows[keep], pad[keep], tok[keep], live_done[keep]
-                caches = [(k[keep], v[keep]) for k, v in caches]
+                # Layer by layer, into the front of the same buffers: one layer's rows in flight at a time,
+                # never a second cache.
+                caches = [tuple(c[:len(keep)].copy_(c[keep]) for c in kv) for kv in caches]
                 groups = row_groups(pad.tolist(), group_block)
         cur = P + t
         # Attend over the cache prefix rounded up to `kv_block` keys: no reading of slots not yet
         # written, and only L / kv_block distinct shapes (compile-friendly).
         S = min(L, (cur // kv_block + 1) * kv_block)
-        cache_pos = torch.tensor([cur], device=device)
+        cache_pos += 1  # on the device: no host-to-device copy per token
         mask = ((key_idx[None, :S] >= pad[:, None]) & (key_idx[None, :S] <= cur))[:, None, None]
         group_masks = [(a, b, s, mask[a:b, ..., s:]) for a, b, s in groups]
         h = model.hidden_states(tok[:, None], (cur - pad)[:, None], group_masks,

@@ -1,6 +1,7 @@
 """Training: the SFT and RL stages of RLSP, on one process or many (torchrun); with no --model, the demo.
 
     python train.py                                          # the offline CPU demo: SFT then RLSP from scratch
+    python train.py --tiny --stage rl --advantage rloo       # two RL steps of a 2-layer model, in seconds
     python train.py --stage sft --model DIR --data math_train --out runs/sft
     python train.py --stage rl --model runs/sft/final --data math_train --out runs/rl
     torchrun --nproc_per_node 8 train.py --stage sft --model DIR --data math_train --out runs/sft
@@ -37,132 +38,121 @@ DEFAULTS = dict(stage="sft", data="math_train", prompt="paper", seq_len=2048, ba
                 epochs=None, save_every=200, keep=2, heldout=64, eval_every=100, seed=0)
 # Arguments that define a run: resuming with different values would silently train something else.
 # (Memory knobs such as --micro-batch-size / --micro-batch-tokens are not: they leave the gradient unchanged.)
-RUN_IDENTITY = ("stage", "model", "data", "prompt", "prompt_field", "response_field", "limit", "seq_len",
+RUN_IDENTITY = ("stage", "model", "data", "prompt", "prompt_field", "response_field", "problem_field",
+                "answer_field", "limit", "seq_len",
                 "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "max_steps", "heldout",
                 "seed", "prompts_per_step",
                 "filter_solved", "judge_model", "rollout_dtype",
                 *(f.name for f in dataclasses.fields(rlsp.Settings) if f.name != "micro_batch_tokens"))
 
 
-# Flags the demo reads; any other flag without --model is a mistake (the stages need a checkpoint).
-DEMO_FLAGS = ("out", "seed", "exploration", "alpha", "device")
+# Flags that only one stage reads: given to the other stage, they are refused rather than ignored.
+STAGE_FLAGS = {
+    "sft": ("seq_len", "batch_size", "micro_batch_size", "heldout", "prompt_field", "response_field"),
+    "rl": ("prompts_per_step", *(f.name for f in dataclasses.fields(rlsp.Settings) if f.name != "prompt"),
+           "judge_url", "judge_model", "judge_key_env", "filter_solved", "episodes_every",
+           "episodes_logged", "problem_field", "answer_field"),
+}
 
 
 def parser():
-    from cli import fraction, non_negative, number, positive
+    from cli import non_negative, number, positive
     p = cli.Parser(description=__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--stage", default=DEFAULTS["stage"], choices=["sft", "rl"], help="training stage")
-    g.add_argument("--model", help="HF model folder to start from (without it: the demo)")
+    g.add_argument("--model", help="HF model folder or hub id to start from (without it: the demo)")
+    g.add_argument("--tiny", action="store_true",
+                   help="instead of --model: a 2-layer model and synthetic data, two steps of --stage with the other "
+                        "flags given, in seconds (demo.py): to try a change")
     g.add_argument("--data", default=DEFAULTS["data"],
                    help="SFT: math_train (its solutions) or a JSONL of chat `messages`, ShareGPT `conversations` "
                         "or (prompt, response) pairs; RL: a dataset name (math_train, gsm8k_train, ...) or a JSONL "
                         "of (problem, answer)")
-    g.add_argument("--prompt-field", default="prompt", help="SFT pairs: the prompt's field")
-    g.add_argument("--response-field", default="response", help="SFT pairs: the response's field (QwQ traces: qwq)")
-    g.add_argument("--data-dir", default=None, help="dataset folder (default $RLSP_DATA_DIR, else download)")
-    g.add_argument("--prompt", default=DEFAULTS["prompt"], help="paper | boxed | a template with {problem}")
-    g.add_argument("--limit", type=positive, default=None, help="use only the first N demonstrations / problems")
-    g.add_argument("--out", default=None, help="run folder (default: runs/sft, runs/rl or runs/demo)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder of dataset files (default: $RLSP_DATA_DIR, else a download into ~/.cache/rlsp/data)")
+    g.add_argument("--prompt", **rlsp.Settings.argument("prompt", default=DEFAULTS["prompt"]))
+    g.add_argument("--limit", type=positive, default=None, help="use only the first N demonstrations / problems "
+                   "(default: all)")
+    g.add_argument("--out", default=None, help="run folder (default: runs/sft, runs/rl or runs/demo; --tiny: a new "
+                   "temporary folder)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    g.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    g.add_argument("--extend", action="store_true",
+                   help="with --resume: train past the run's --max-steps; the learning rate stays at the floor "
+                        "its schedule ended on (--min-lr-ratio x --lr)")
+    g.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="data order, sampling, initialisation")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--seq-len", type=number(int, 2), default=DEFAULTS["seq_len"], help="SFT: tokens per packed row")
-    g.add_argument("--batch-size", type=positive, default=DEFAULTS["batch_size"],
-                   help="SFT: rows per optimizer step (global)")
     g.add_argument("--fsdp", action="store_true",
-                   help="shard weights, gradients and AdamW state over the ranks (FSDP2; under torchrun with 2+ "
-                        "processes)")
-    g.add_argument("--micro-batch-size", type=positive, default=DEFAULTS["micro_batch_size"],
-                   help="SFT: rows per forward pass (memory only; at most the rows per GPU)")
+                   help="shard weights, gradients and AdamW state over the processes of torchrun (FSDP2)")
+    g.add_argument("--offload", action="store_true",
+                   help="with --fsdp: keep the shards, gradients and AdamW state in CPU memory, the optimizer "
+                        "stepping there (FSDP2's CPUOffloadPolicy): GPU memory for models whose state does not fit")
     g.add_argument("--lr", type=number(float, 0, low_open=True), default=DEFAULTS["lr"], help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=number(float, 0, 1), default=DEFAULTS["min_lr_ratio"], help="cosine floor / peak")
-    g.add_argument("--warmup-steps", type=non_negative, default=DEFAULTS["warmup_steps"])
-    g.add_argument("--weight-decay", type=number(float, 0), default=DEFAULTS["weight_decay"])
-    g.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=DEFAULTS["grad_clip"])
-    g.add_argument("--max-steps", type=positive, default=DEFAULTS["max_steps"])
+    g.add_argument("--min-lr-ratio", type=number(float, 0, 1), default=DEFAULTS["min_lr_ratio"],
+                   help="cosine floor / peak")
+    g.add_argument("--warmup-steps", type=non_negative, default=DEFAULTS["warmup_steps"],
+                   help="linear warm-up from 0 to --lr over these steps")
+    g.add_argument("--weight-decay", type=number(float, 0), default=DEFAULTS["weight_decay"], help="AdamW's")
+    g.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=DEFAULTS["grad_clip"],
+                   help="the gradient's norm is clipped to this")
+    g.add_argument("--max-steps", type=positive, default=DEFAULTS["max_steps"],
+                   help="optimizer steps (RL: rollout steps) of the run; the schedule ends here")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available, else cpu)")
-    g = p.add_argument_group("RL stage (rlsp.py; paper values in the README)")
+    g = p.add_argument_group("SFT stage")
+    g.add_argument("--seq-len", type=number(int, 2), default=DEFAULTS["seq_len"], help="tokens per packed row")
+    g.add_argument("--batch-size", type=positive, default=DEFAULTS["batch_size"], help="rows per optimizer step (global)")
+    g.add_argument("--micro-batch-size", type=positive, default=DEFAULTS["micro_batch_size"],
+                   help="rows per forward pass (memory only; at most the rows per GPU)")
+    g.add_argument("--heldout", type=non_negative, default=DEFAULTS["heldout"],
+                   help="demonstrations held out for the held-out loss (0 = none)")
+    g.add_argument("--prompt-field", default="prompt", help="(prompt, response) pairs: the prompt's field")
+    g.add_argument("--response-field", default="response", help="(prompt, response) pairs: the response's field "
+                   "(QwQ traces: qwq)")
+    g = p.add_argument_group("RL stage (rlsp.Settings; paper values in docs/method.md)")
+    g.add_argument("--problem-field", default="problem", help="a JSONL file's problem field")
+    g.add_argument("--answer-field", default="answer", help="a JSONL file's answer field")
     g.add_argument("--prompts-per-step", type=positive, default=8, help="problems per rank and step")
-    g.add_argument("--group-size", type=positive, default=8, help="samples per problem (1 = the paper)")
-    g.add_argument("--max-new-tokens", type=positive, default=1024, help="paper: 4096")
-    g.add_argument("--temperature", type=number(float, 0, low_open=True), default=0.7,
-                   help="sampling and scoring temperature (paper: 0.7)")
-    g.add_argument("--top-p", type=fraction, default=1.0)
-    g.add_argument("--exploration", default="length", choices=["length", "judge", "difficulty", "none"],
-                   help="exploration reward: -C/L, an LLM judge, -C/L scaled by the group's failure rate, or none")
-    g.add_argument("--reward-form", default="paper", choices=["paper", "code"],
-                   help="paper: alpha*outcome + (1-alpha)*R_ex (Eq. 1); code: outcome - C/L (released code)")
-    g.add_argument("--alpha", type=number(float, 0, 1), default=0.8, help="weight of correctness in Eq. 1 (paper: 0.8)")
-    g.add_argument("--alpha-decay", type=number(float, 0, 1), default=1.0,
-                   help="(1 - alpha) is multiplied by this each step")
-    g.add_argument("--length-c", type=number(float, 0), default=1000.0, help="C in R_ex = -C/L (paper: 1000)")
-    g.add_argument("--no-answer-reward", type=float, default=-0.5, help="outcome when no \\boxed{} (code: -0.5)")
-    g.add_argument("--reward-clip", type=number(float, 0, low_open=True), default=10.0,
-                   help="total reward clipped to [-x, x] (paper: 10)")
-    g.add_argument("--repetition-coef", type=number(float, 0), default=0.0, help="penalty x share of repeated 10-grams")
-    g.add_argument("--advantage", default="grpo", choices=["grpo", "drgrpo", "rloo", "reinforce"])
-    g.add_argument("--clip-low", type=number(float, 0, 1, high_open=True), default=0.2, help="PPO clip below 1 (paper: 0.2)")
-    g.add_argument("--clip-high", type=number(float, 0), default=0.28, help="PPO clip above 1 (DAPO clip-higher; paper: 0.2)")
-    g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "constant"])
-    g.add_argument("--overlong-filter", action="store_true",
-                   help="leave responses cut off at --max-new-tokens out of the loss (DAPO)")
-    g.add_argument("--overlong-buffer", type=non_negative, default=0,
-                   help="soft overlong penalty over the last N tokens before the cap, 0 = off (DAPO: 4096 of 20480)")
-    g.add_argument("--overlong-penalty", type=number(float, 0), default=1.0, help="the soft penalty at the cap")
-    g.add_argument("--ppo-epochs", type=positive, default=1, help="passes over each rollout batch")
-    g.add_argument("--minibatches", type=positive, default=1, help="optimizer updates per pass")
-    g.add_argument("--micro-batch-tokens", type=positive, default=None,
-                   help="tokens per forward/backward in the RL update (memory only; default 16384 on GPU, 4096 on CPU)")
-    g.add_argument("--rollout-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights the sampler reads: auto = a bf16 copy on GPU, the fp32 policy on CPU")
-    g.add_argument("--kl-coef", type=number(float, 0), default=0.0,
-                   help="beta; > 0 loads the frozen initial model (paper: 0.05)")
-    g.add_argument("--kl-estimator", default="k3", choices=["k1", "k3"], help="for --kl-placement loss")
-    g.add_argument("--kl-placement", default="loss", choices=["loss", "reward"], help="paper: reward (k1)")
-    g.add_argument("--judge-url", default=None, help="OpenAI-compatible /v1/chat/completions URL")
-    g.add_argument("--judge-model", default="gpt-4o-mini")
+    for f in dataclasses.fields(rlsp.Settings):  # each knob of the RL step, as rlsp.Settings defines it
+        if f.name == "micro_batch_tokens":  # its default depends on the device: set by parse_args
+            g.add_argument("--micro-batch-tokens", **rlsp.Settings.argument(
+                f.name, default=None, help="tokens per forward/backward in the update (memory only; default: "
+                                           "16384 on GPU, 4096 on CPU)"))
+        elif f.name != "prompt":  # a flag of both stages, above
+            g.add_argument("--" + f.name.replace("_", "-"), **rlsp.Settings.argument(f.name))
+    g.add_argument("--judge-url", default=None, help="OpenAI-compatible /v1/chat/completions URL (--exploration judge)")
+    g.add_argument("--judge-model", default="gpt-4o-mini", help="the judge's model name")
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     g.add_argument("--filter-solved", action="store_true", help="drop problems the start model solves greedily")
     g.add_argument("--episodes-every", type=non_negative, default=10,
                    help="steps between sampled episodes written out (0 = never)")
-    g.add_argument("--episodes-logged", type=non_negative, default=4)
+    g.add_argument("--episodes-logged", type=non_negative, default=4, help="episodes written out each time")
+    g = p.add_argument_group("the sampler (RL rollouts and the in-loop eval)")
+    g.add_argument("--rollout-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights the sampler reads: auto = a bf16 copy on GPU; on CPU the fp32 policy, or a bf16 "
+                        "copy where the CPU has bf16 units and it measures faster (model.sampling_dtype)")
+    g.add_argument("--tp", type=positive, default=1,
+                   help="sample from a copy of the policy split over groups of this many ranks (tensor parallel, "
+                        "tp.py; under torchrun): each holds 1/N of the copy and of its KV cache")
     g = p.add_argument_group("checkpoints, evaluation, logs")
     g.add_argument("--save-every", type=positive, default=DEFAULTS["save_every"], help="steps between checkpoints")
     g.add_argument("--keep", type=positive, default=DEFAULTS["keep"], help="checkpoints kept")
-    g.add_argument("--heldout", type=non_negative, default=DEFAULTS["heldout"],
-                   help="SFT: demonstrations held out for the held-out loss (0 = none)")
     g.add_argument("--eval-every", type=non_negative, default=DEFAULTS["eval_every"],
                    help="steps between held-out / benchmark evals (0 = never)")
     g.add_argument("--eval-data", default=None, help="also run eval.py's benchmark eval (e.g. math500)")
-    g.add_argument("--eval-limit", type=positive, default=100)
+    g.add_argument("--eval-limit", type=positive, default=100, help="problems of the benchmark eval")
+    g.add_argument("--eval-max-new-tokens", type=positive, default=1024, help="tokens per answer in the benchmark eval")
     g.add_argument("--wandb", metavar="PROJECT", default=None,
                    help="also log every metrics row to this wandb project (WANDB_MODE=offline works; "
                         "pip install wandb)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write every metrics row as TensorBoard scalars to OUT/tensorboard "
                         "(pip install tensorboard)")
-    g.add_argument("--eval-max-new-tokens", type=positive, default=1024)
     g.add_argument("--dry-run", action="store_true", help="print the memory the run needs per GPU and exit")
     g.add_argument("--dry-run-gpus", type=positive, default=None,
                    help="--dry-run: plan for this many GPUs (default: the torchrun world size, else 1)")
     g.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl and exit")
-    g = p.add_argument_group("the demo (python train.py with no --model)")
-    g.add_argument("--demo-problems", type=number(int, 4), default=20000, help="synthetic problems: half SFT, half RL")
-    g.add_argument("--demo-heldout", type=positive, default=500, help="held-out problems for the final table")
-    g.add_argument("--demo-sft-steps", type=positive, default=500)
-    g.add_argument("--demo-rl-steps", type=positive, default=40)
-    g.add_argument("--demo-rl-lr", type=number(float, 0, low_open=True), default=1e-4)
-    g.add_argument("--demo-rl-temperature", type=number(float, 0, low_open=True), default=1.0,
-                   help="sampling temperature (paper: 0.7)")
-    g.add_argument("--demo-sft", metavar="DEMO_OUT", default=None,
-                   help="start RL from that finished demo's SFT model instead of training SFT again (the same "
-                        "--seed, --demo-mix and SFT flags give the same model): compare --exploration values")
-    g.add_argument("--demo-mix", default="direct:3,steps:1,checked:1",
-                   help="demonstration styles and weights: direct (box only), steps, checked (steps + verify)")
-    g.add_argument("--demo-length-c", type=number(float, 0), default=16.0,
-                   help="C for 64-token responses: the paper's 1000 for 4096 tokens, scaled (1000 * 64 / 4096)")
+    import demo
+    demo.add_arguments(p)
     return p
 
 
@@ -170,26 +160,40 @@ def parse_args(argv=None):
     """Flags, checked: each alone by its type, then the combinations (one line naming the flag, exit 2)."""
     p = parser()
     args = p.parse_args(argv)
-    if not args.model and not args.dry_run and not args.plot:
-        extra = [k for k, v in vars(args).items() if v != p.get_default(k) and k not in DEMO_FLAGS
+    if args.model or args.tiny:  # a stage's run: the other stage's flags would be silently ignored
+        other = "rl" if args.stage == "sft" else "sft"
+        unused = [k for k in STAGE_FLAGS[other] if getattr(args, k) != p.get_default(k)]
+        if unused:
+            p.error(f"--{unused[0].replace('_', '-')} is a flag of the {other.upper()} stage; --stage {args.stage} "
+                    f"does not use it")
+    if args.extend and not args.resume:
+        p.error("--extend continues a finished run: use it with --resume")
+    if args.tiny:
+        import demo
+        if args.model:
+            p.error("--tiny builds its own model: drop --model (or drop --tiny to train that model)")
+        for k, v in demo.TINY.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    elif not args.model and not args.dry_run and not args.plot:
+        import demo
+        extra = [k for k, v in vars(args).items() if v != p.get_default(k) and k not in demo.FLAGS
                  and not k.startswith("demo_")]
         if extra:
             p.error(f"--model is required with --{extra[0].replace('_', '-')} (without --model, python train.py runs "
                     f"the demo, which reads only --out, --seed, --exploration, --alpha, --device and --demo-* flags)")
     if args.dry_run and not args.model:
         p.error("--dry-run needs --model (a folder with config.json)")
-    if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda[:N] (got {args.device!r})")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this torch build sees no CUDA device (torch.cuda.is_available() is False)")
-    if args.out is None:
+    cli.check_device(p, args.device, torchrun=TORCHRUN)
+    if args.out is None and not args.tiny:
         args.out = os.path.join("runs", "demo" if not args.model else args.stage)
-    if args.fsdp and not args.dry_run and int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        p.error("--fsdp shards over the processes of torchrun: run it as torchrun --nproc_per_node N train.py ... "
-                "with N >= 2 (one process has nothing to shard over)")
-    if args.fsdp and args.eval_data:
-        p.error("--eval-data with --fsdp: the in-loop benchmark eval runs on rank 0 alone; evaluate the saved "
-                "checkpoints with eval.py instead")
+    if args.tp > 1 and not args.dry_run and not TORCHRUN:
+        p.error(f"--tp {args.tp} splits the sampler over the processes of torchrun: run it as torchrun "
+                f"--nproc_per_node N train.py ... with N a multiple of {args.tp}")
+    if args.offload and not args.fsdp:
+        p.error("--offload moves FSDP's shards to CPU memory: add --fsdp")
+    if args.fsdp and not args.dry_run and not TORCHRUN:
+        p.error("--fsdp shards over the processes of torchrun: run it as torchrun --nproc_per_node N train.py ...")
     for package in ("wandb", "tensorboard"):  # each flag is named after its package
         if getattr(args, package) and importlib.util.find_spec(package) is None:
             p.error(f"--{package} needs the {package} package: pip install {package}")
@@ -200,25 +204,38 @@ def parse_args(argv=None):
         errors = rlsp.Settings.from_args(args).errors(args.prompts_per_step)
         if errors:
             p.error(errors[0])
+    args.schedule_steps = args.max_steps  # where the learning rate's cosine ends (--extend keeps the first run's)
     return args
 
 
 # ----------------------------------------------------------------------------- distributed
 
-def setup_distributed(device_arg):
-    """(rank, world, device). Under torchrun: one process per GPU with NCCL, or gloo on CPU."""
+TORCHRUN = "WORLD_SIZE" in os.environ  # started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE)
+
+
+def setup_distributed(device_arg, offload=False):
+    """(rank, world, device). Under torchrun, however many processes: a process group (NCCL, or gloo on
+    CPU) and one GPU per process (cuda:LOCAL_RANK); the model is then DDP's or FSDP's. A plain
+    `python train.py` has no process group and takes the GPU --device names (cuda:N), else cuda:0."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        index = int(os.environ["LOCAL_RANK"]) if TORCHRUN else torch.device(device_arg or "cuda").index or 0
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if TORCHRUN:  # --offload: CPU tensors meet in collectives too (gradient norms of offloaded shards)
+        dist.init_process_group(("cpu:gloo,cuda:nccl" if offload else "nccl") if cuda else "gloo")
     return rank, world, device
+
+
+def data_parallel(model):
+    """DDP over the ranks, the gradients kept in its all-reduce buckets (gradient_as_bucket_view) rather
+    than in a second full copy beside them."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, gradient_as_bucket_view=True)
 
 
 def all_reduce_sum(x):
@@ -286,16 +303,19 @@ def heldout_loss(model, rows, args, device, autocast, progress=False):
         batch = to_batch(rows[i:i + args.micro_batch_size], device)
         nll = token_losses(model, batch, autocast)
         total += torch.stack([(nll * batch[2]).sum().double(), batch[2].sum().double()])
+    if hasattr(model, "reshard"):  # FSDP: a forward without backward leaves the root's weights gathered
+        model.reshard()
     return (total[0] / total[1]).item()
 
 
 # ----------------------------------------------------------------------------- schedule, checkpoints
 
 def lr_at(step, args):
-    """Linear warm-up to --lr, then cosine down to --min-lr-ratio * lr at --max-steps."""
+    """Linear warm-up to --lr, then cosine down to --min-lr-ratio * lr at the schedule's end (--max-steps;
+    a run extended with --extend keeps its first --max-steps as the end and stays at the floor after it)."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.schedule_steps - args.warmup_steps))
     floor = args.min_lr_ratio * args.lr
     return floor + (args.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -315,8 +335,8 @@ def save_checkpoint(run, tokenizer, optimizer, step, args, out=None):
     rank 0 writes everything."""
     final = out or os.path.join(args.out, f"step-{step:06d}")
     tmp = final + ".tmp"
-    state = {"step": step, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(), "args": vars(args),
-             "world": run.world, "fsdp": args.fsdp}
+    state = {"step": step, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(), "args": saved_args(args),
+             "world": run.world, "fsdp": args.fsdp, "rollout_dtype": getattr(run, "rollout_dtype", None)}
     if args.fsdp:
         import fsdp
         if run.rank == 0:
@@ -339,14 +359,75 @@ def save_checkpoint(run, tokenizer, optimizer, step, args, out=None):
         tokenizer.save_pretrained(tmp)
         if out is None:
             torch.save(state, os.path.join(tmp, "trainer.pt"))
+        for folder, _, files in os.walk(tmp):  # every file on disk before the rename makes the folder count
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if out is None:
             for old in checkpoints(args.out)[:-args.keep]:
                 shutil.rmtree(os.path.join(args.out, old))
+        fsync_dir(os.path.dirname(final) or ".")
     if args.fsdp:
         dist.barrier()  # nobody reads or writes the run folder until rank 0 has renamed
     return final
+
+
+def read_trainer_state(file):
+    """A checkpoint's trainer.pt, onto the CPU (the random state must stay a CPU tensor; load_state_dict
+    moves the optimizer's tensors to their parameters' device) and as data only: weights_only refuses
+    pickled code, since a run folder may come from someone else."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file} not found: the checkpoint lacks its trainer state") from None
+    except Exception as e:  # a truncated file, or pickled objects a weights-only load refuses
+        raise ValueError(f"{file}: cannot read it as trainer state ({type(e).__name__}: {e})"[:400]) from None
+
+
+def read_metrics(path):
+    """The rows of a run's metrics.jsonl. A last line without its newline was cut off by a kill and is
+    dropped (its step is redone); any other bad line is an error naming the file and the line."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for n, line in enumerate(lines[:-1], 1):  # the part after the last newline is complete only when empty
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a metrics row ({e.msg} at column {e.colno})") from None
+            if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("step"), int):
+                raise ValueError(f"{path}:{n}: not a metrics row (a JSON object with an integer 'step')")
+    return rows
+
+
+def write_atomic(path, text):
+    """Write `text` to `path` through a temporary file, fsync'd and renamed: an interruption leaves the old
+    file or the new one, never a half-written mix."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path):
+    """Make a rename or removal in `path` durable (the directory entry itself is data too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def saved_args(args):
+    """The flags as written to args.json, trainer.pt and a tracker's config: without the secrets a judge URL
+    may hold (user info, query; see rlsp.redact_url)."""
+    return {**vars(args), "judge_url": rlsp.redact_url(args.judge_url)}
 
 
 def check_run_folder(args):
@@ -360,10 +441,21 @@ def check_run_folder(args):
         raise FileExistsError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
     with open(saved) as f:
         old = json.load(f)
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}" for k in RUN_IDENTITY
-               if k in old and old[k] != getattr(args, k)]  # a flag newer than the run: not known there
+    args.schedule_steps = old.get("schedule_steps", old["max_steps"])  # a resumed run keeps its schedule's end
+    if args.extend and args.max_steps <= old["max_steps"]:
+        raise ValueError(f"--extend trains past the run's end: --max-steps {args.max_steps} must be more than the "
+                         f"run's {old['max_steps']}")
+    changed = cli.changed_flags(old, args, [k for k in RUN_IDENTITY if not (args.extend and k == "max_steps")],
+                                vars(parser().parse_args([])))
+    if changed == [f"--max-steps {old['max_steps']!r} -> {args.max_steps!r}"] and args.max_steps > old["max_steps"]:
+        raise ValueError(f"--resume with --max-steps {old['max_steps']} -> {args.max_steps}: the learning-rate schedule "
+                         f"(warm-up, then cosine to --min-lr-ratio at --max-steps) is part of the run in {args.out}. "
+                         f"To train on where it ended, add --extend (the learning rate stays at its final floor); for "
+                         f"a fresh schedule, start a new run from {os.path.join(args.out, 'final')} with another --out")
     if changed:
-        raise ValueError(f"--resume with arguments that differ from the run in {args.out}: {'; '.join(changed)}")
+        raise ValueError(f"--resume with arguments that differ from the run in {args.out}: {'; '.join(changed)} "
+                         f"(they define what the run learns; resume with the run's values, or start a new run from "
+                         f"{os.path.join(args.out, 'final')} with another --out)")
     found = checkpoints(args.out)
     return os.path.join(args.out, found[-1]) if found else None
 
@@ -372,17 +464,20 @@ def check_run_folder(args):
 
 def memory_estimate(cfg, args, shards=1):
     """SFT bytes per GPU: fp32 weights, gradients and AdamW moments (DDP replicates them on every GPU;
-    FSDP splits them `shards` ways and gathers the blocks it computes), bf16 activations of one
-    micro-batch, the packed rows' attention mask and the log-prob head."""
-    from model import activation_bytes, gathered_bytes, logits_chunk_bytes, parameter_count
+    FSDP splits them `shards` ways and gathers the blocks it computes in bf16), autocast's bf16 copy of
+    every Linear weight (DDP only: FSDP computes in bf16 already), the activations of one micro-batch of
+    packed rows with their masks and the log-prob head (model.packed_activation_bytes), and with
+    --eval-data the sampler's bf16 copy of the weights."""
+    from model import gathered_bytes, linear_parameter_count, packed_activation_bytes, parameter_count
     n = parameter_count(cfg)
-    tokens = args.micro_batch_size * args.seq_len
-    return n, {"weights (fp32)": 4 * n / shards, "gradients (fp32)": 4 * n / shards,
-               "AdamW moments (fp32)": 8 * n / shards,
+    on_gpu = 0 if args.offload else 1  # --offload: the shards, gradients and AdamW state are in CPU memory
+    return n, {"weights (fp32)": 4 * n / shards * on_gpu, "gradients (fp32)": 4 * n / shards * on_gpu,
+               "AdamW moments (fp32)": 8 * n / shards * on_gpu,
+               "autocast bf16 weights": 2 * linear_parameter_count(cfg) if shards == 1 else 0,
                "gathered blocks (bf16)": gathered_bytes(cfg) if shards > 1 else 0,
-               "activations (bf16)": activation_bytes(cfg, tokens, args.grad_checkpointing),
-               "attention mask": args.micro_batch_size * args.seq_len ** 2,
-               "log-prob head": logits_chunk_bytes(cfg, tokens=tokens)}
+               "activations and log-prob head": packed_activation_bytes(
+                   cfg, args.micro_batch_size, args.seq_len, args.grad_checkpointing, expand_kv=True),
+               "rollout weights (bf16, --eval-data)": 2 * n if args.eval_data else 0}
 
 
 def dry_run(args, world):
@@ -394,59 +489,88 @@ def dry_run(args, world):
     gpus = args.dry_run_gpus or world
     shards = gpus if args.fsdp else 1
     how = f"FSDP over {gpus} GPUs shards model and optimizer" if args.fsdp else "DDP replicates model and optimizer"
+    if args.offload:
+        how += ", offloaded to CPU memory"
     if args.stage == "sft":
         n, parts = memory_estimate(cfg, args, shards)
         print(f"{args.model}: {n / 1e9:.2f}B parameters; SFT per GPU ({how}), "
               f"micro-batch {args.micro_batch_size} x {args.seq_len}{ckpt}:")
         phases = [("", parts)]
     else:
+        if args.tp > 1:
+            import tp
+            if tp.problems(cfg, args.tp, gpus):
+                raise ValueError(tp.problems(cfg, args.tp, gpus)[0])
+            how += f"; the sampler split over groups of {args.tp} GPUs (--tp)"
         n, held, sampling, training = rlsp.memory_estimate(cfg, rlsp.Settings.from_args(args), args.prompts_per_step,
-                                                           args.grad_checkpointing, shards=shards)
+                                                           args.grad_checkpointing, shards=shards, tp=args.tp,
+                                                           offload=args.offload)
+        prompts, N = rlsp.micro_batch_shape(rlsp.Settings.from_args(args), 512, args.prompts_per_step * args.group_size)
         print(f"{args.model}: {n / 1e9:.2f}B parameters; RL per GPU ({how}), "
               f"{args.prompts_per_step} x {args.group_size} rollouts of 512 + {args.max_new_tokens} tokens, "
-              f"micro-batches of {args.micro_batch_tokens} tokens{ckpt}:")
+              f"micro-batches of {args.micro_batch_tokens} tokens (the largest: {N} responses, {prompts} prompt"
+              f"{'s' if prompts > 1 else ''}){ckpt}:")
         phases = [("held", held), ("while sampling", sampling), ("while training", training)]
     for name, parts in phases:
         if name:
             print(f"  {name}: {sum(parts.values()) / gib:.2f} GiB")
         for k, v in parts.items():
             if v:
-                print(f"    {k:26s} {v / gib:8.2f} GiB")
+                print(f"    {k:36s} {v / gib:8.2f} GiB")
     total = sum(phases[0][1].values()) + max(sum(p.values()) for _, p in phases[1:]) if len(phases) > 1 \
         else sum(phases[0][1].values())
-    print(f"  {'peak':28s} {total / gib:8.2f} GiB (plus allocator slack and the CUDA context, ~1-3 GiB)")
-    for card in (24, 40, 80, 141):
-        verdict = "fits" if total * 1.1 + 2 * gib <= card * gib else "does not fit"
-        print(f"  a {card} GB card: {verdict}")
+    print(f"  {'peak (allocated)':38s} {total / gib:8.2f} GiB")
+    if args.offload:  # fp32 shards, gradients and AdamW moments (and the reference): split over the ranks
+        host = (16 + (4 if args.stage == "rl" and args.kl_coef > 0 else 0)) * n / shards
+        print(f"  in CPU memory (--offload): {host / gib:.1f} GiB per GPU, {host * min(gpus, 8) / gib:.0f} GiB for "
+              f"a node of {min(gpus, 8)} GPUs (pinned)")
+    for card, usable in CARDS.items():
+        margin = usable - total / gib
+        verdict = "fits" if margin >= MARGIN * usable else "does not fit"
+        print(f"  a {card} card ({usable} GiB): {verdict}, margin {margin:.1f} GiB ({margin / usable:.0%})")
     return total
+
+
+# What a CUDA program can allocate on common cards (GiB: a "80 GB" H100 has 79.1), and the share of it a
+# plan leaves free for what allocated bytes do not show: the caching allocator's block rounding and
+# fragmentation, the CUDA context, NCCL's buffers.
+CARDS = {"24 GB": 23.6, "40 GB": 39.4, "80 GB": 79.1, "141 GB": 139.8}
+MARGIN = 0.10
 
 
 # ----------------------------------------------------------------------------- plots
 
-PANELS = (("reward", ("reward", "outcome", "exploration", "reward_kl", "overlong")),
-          ("accuracy", ("accuracy",)), ("response length, tokens", ("mean_length", "max_length")),
-          ("loss", ("loss", "heldout_loss")), ("KL to the reference", ("kl",)), ("entropy estimate", ("entropy_est",)),
-          ("clip fraction", ("clip_frac",)), ("gradient norm", ("grad_norm",)), ("learning rate", ("lr",)),
-          ("truncated / no answer", ("truncation_rate", "no_answer_rate")),
+# The panels of curves.png, each (title, series). The reward's parts sit on scales of their own: the
+# exploration term (-C/L near -11 at the start of a run) would flatten the others into one line.
+PANELS = (("reward and outcome", ("reward", "outcome")), ("exploration reward R_ex", ("exploration", "judge")),
+          ("penalties", ("reward_kl", "overlong")), ("accuracy", ("accuracy",)),
+          ("response length, tokens", ("mean_length", "max_length")), ("loss", ("loss", "heldout_loss")),
+          ("KL to the reference", ("kl",)), ("entropy estimate", ("entropy_est",)), ("clip fraction", ("clip_frac",)),
+          ("groups with equal rewards", ("zero_variance_groups",)), ("gradient norm", ("grad_norm",)),
+          ("learning rate", ("lr",)), ("truncated / no answer", ("truncation_rate", "no_answer_rate")),
           ("tokens/s", ("tokens_per_s", "rollout_tokens_per_s", "train_tokens_per_s")),
-          ("peak memory, GiB", ("peak_mem_gib",)))
+          ("peak memory, GiB", ("peak_mem_gib", "peak_host_gib")))
+
+
+def panels_for(rows):
+    """The panels worth drawing for these metrics rows: each with the series the rows hold that are not
+    zero throughout (benchmark accuracies join the accuracy panel); a panel left with none is left out."""
+    evals = tuple(sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_accuracy")}))
+    panels = [(title, [k for k in keys + (evals if title == "accuracy" else ()) if any(r.get(k) for r in rows)])
+              for title, keys in PANELS]
+    return [(title, keys) for title, keys in panels if keys]
 
 
 def plot(run_dir):
-    """RUN_DIR/curves.png: one figure, a grid of the key curves of metrics.jsonl (benchmark accuracies join
-    the accuracy panel); panels with no data are left out."""
+    """RUN_DIR/curves.png: one figure, a grid of the key curves of metrics.jsonl (panels_for)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (--plot takes a run folder)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    evals = tuple(sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_accuracy")}))
-    panels = [(title, [k for k in keys + (evals if title == "accuracy" else ()) if any(k in r for r in rows)])
-              for title, keys in PANELS]
-    panels = [(title, keys) for title, keys in panels if keys]
+    rows = read_metrics(path)
+    panels = panels_for(rows)
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4 * cols, 2.8 * math.ceil(len(panels) / cols)),
                              squeeze=False)
@@ -509,15 +633,18 @@ def sft_step(run, args, step):
 
 def rl_setup(run, args):
     from data import load_dataset
-    records = load_dataset(args.data, args.data_dir, limit=args.limit)
-    if args.exploration == "judge" and not args.judge_url:
-        raise ValueError("--exploration judge needs --judge-url (an OpenAI-compatible chat-completions endpoint)")
-    judge = rlsp.Judge(args.judge_url, args.judge_model, args.judge_key_env) if args.exploration == "judge" else None
-    rollout_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        args.rollout_dtype, torch.bfloat16 if run.device.type == "cuda" else torch.float32)
+    records = load_dataset(args.data, args.data_dir, limit=args.limit, problem_field=args.problem_field,
+                           answer_field=args.answer_field)
+    needs_judge = rlsp.EXPLORATION[args.exploration].judge
+    if needs_judge and not args.judge_url:
+        raise ValueError(f"--exploration {args.exploration} needs --judge-url (an OpenAI-compatible chat-completions "
+                         f"endpoint)")
+    judge = rlsp.Judge(args.judge_url, args.judge_model, args.judge_key_env) if needs_judge else None
+    if judge:
+        judge.check()
     run.settings = rlsp.Settings.from_args(args)
     records = rlsp.setup(run, run.settings, records, args.model, args.out, args.resume, args.filter_solved, judge,
-                         rollout_dtype, torch.bfloat16 if run.device.type == "cuda" else None)
+                         torch.bfloat16 if run.device.type == "cuda" else None)
     return f"{len(records)} RL problems, {args.prompts_per_step} x {args.group_size} samples per rank and step"
 
 
@@ -532,6 +659,16 @@ def rl_step(run, args, step):
                         optimizer_step=functools.partial(optimizer_update, run, args, step),
                         episodes_file=os.path.join(args.out, "episodes.jsonl") if log else None,
                         episodes_logged=args.episodes_logged)
+
+
+def make_optimizer(model, lr, weight_decay=0.0):
+    """AdamW(0.9, 0.95), fused (one kernel for every tensor, on GPU and CPU alike). After every step the
+    model is told its weights changed (Transformer.weights_changed): fused AdamW writes them without
+    bumping their version counters, so nothing else would notice."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                                  fused=True)
+    optimizer.register_step_post_hook(lambda *_: model.weights_changed())
+    return optimizer
 
 
 def optimizer_update(run, args, step, loss):
@@ -554,11 +691,10 @@ STAGES = {"sft": (sft_setup, sft_step), "rl": (rl_setup, rl_step)}
 
 
 def train(args):
-    from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
-    from model import Config, Tokenizer, Transformer
+    from model import Config, Tokenizer, Transformer, sampling_dtype
 
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.offload)
     if args.dry_run:
         if rank == 0:
             dry_run(args, world)
@@ -567,23 +703,28 @@ def train(args):
         if args.batch_size % world:
             raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the world size {world}")
         args.micro_batch_size = min(args.micro_batch_size, args.batch_size // world)  # a memory knob, never an error
-    Config.from_pretrained(args.model)  # a folder that is no checkpoint fails here, before any work
+    cfg = Config.from_pretrained(args.model)  # a folder that is no checkpoint fails here, before any work
+    if args.tp > 1:
+        import tp
+        if tp.problems(cfg, args.tp, world):
+            raise ValueError(tp.problems(cfg, args.tp, world)[0])
     resume_from = check_run_folder(args)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = Tokenizer.from_pretrained(args.model)
     if args.fsdp:  # fp32 master weights sharded over the ranks; rank 0 alone reads the checkpoint
         import fsdp
-        model = fsdp.load_sharded(resume_from or args.model, device)
+        model = fsdp.load_sharded(resume_from or args.model, device, args.offload)
     else:
         model = Transformer.from_pretrained(resume_from or args.model, device=device, dtype=torch.float32)  # fp32 master
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     step = 0
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer.pt"), map_location=device, weights_only=False)
+        # On the CPU: the random state must stay a CPU tensor, and load_state_dict moves the optimizer's
+        # tensors to their parameters' device.
+        state = read_trainer_state(os.path.join(resume_from, "trainer.pt"))
         if state.get("world", world) != world or bool(state.get("fsdp")) != args.fsdp:
             raise ValueError(f"--resume: {resume_from} was written by {state.get('world', 1)} process(es)"
                              f"{' with --fsdp' if state.get('fsdp') else ''}; resume it the same way")
@@ -595,21 +736,30 @@ def train(args):
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
         step = state["step"]
-    run = Run(model=model, ddp=DDP(model) if world > 1 and not args.fsdp else model, optimizer=optimizer,
-              tokenizer=tokenizer, rank=rank, world=world, device=device, sharded=args.fsdp,
+    run = Run(model=model, ddp=data_parallel(model) if TORCHRUN and not args.fsdp else model, optimizer=optimizer,
+              tokenizer=tokenizer, rank=rank, world=world, device=device, sharded=args.fsdp, offload=args.offload,
               autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"))
+    if args.stage == "rl" or args.eval_data:  # the weights the sampler reads (rollouts, the benchmark eval)
+        # auto: what the run sampled in before a resume, else rank 0's choice for every rank (a measurement
+        # on CPU: ranks timing at once on shared cores could disagree, and --tp's collectives need one dtype)
+        name = args.rollout_dtype if args.rollout_dtype != "auto" else (state.get("rollout_dtype") if resume_from
+                                                                         else None)
+        if name is None:
+            name = [str(sampling_dtype(model.config, device)).removeprefix("torch.") if rank == 0 else None]
+            if dist.is_initialized():
+                dist.broadcast_object_list(name, src=0)
+            name = name[0]
+        run.rollout_dtype = name
+        run.rollout = rlsp.RolloutWeights(model, getattr(torch, name), args.fsdp,
+                                          tp.mesh(device, args.tp) if args.tp > 1 else None)
     setup, step_fn = STAGES[args.stage]
     described = setup(run, args)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         log = os.path.join(args.out, "metrics.jsonl")
         if os.path.isfile(log):  # steps after the checkpoint are redone: drop their old lines
-            with open(log) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(log, "w") as f:
-                f.writelines(kept)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            write_atomic(log, "".join(json.dumps(r) + "\n" for r in read_metrics(log) if r["step"] <= step))
+        write_atomic(os.path.join(args.out, "args.json"), json.dumps(saved_args(args), indent=2))
         print(f"{args.stage}: {described}; world {world} on {device}; steps {step} -> {args.max_steps}" +
               (f"; resumed from {resume_from}" if resume_from else ""))
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
@@ -617,6 +767,9 @@ def train(args):
     if not resume_from:
         cli.interrupt_note = (f"no checkpoint yet in {args.out} (one every --save-every {args.save_every} steps); "
                               f"rerun the same command with --resume to start it again")
+    if rank == 0 and args.max_steps <= args.warmup_steps and not resume_from:
+        print(f"warning: --max-steps {args.max_steps} ends before the --warmup-steps {args.warmup_steps} do: the learning "
+              f"rate never reaches --lr {args.lr:g} (it stops at {lr_at(args.max_steps - 1, args):.2e})")
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=args.stage)
     t_start, first_step = time.perf_counter(), step
     while step < args.max_steps:
@@ -628,16 +781,21 @@ def train(args):
         step += 1
         dt = time.perf_counter() - t0
         row = {"step": step, **row, "lr": lr, "tokens_per_s": row["tokens"] / dt, "peak_mem_gib": peak_memory_gib(device)}
+        if args.offload and device.type == "cuda":  # the offloaded state is host memory, which the GPU's peak omits
+            row["peak_host_gib"] = peak_memory_gib(torch.device("cpu"))
         eval_now = args.eval_every and (step % args.eval_every == 0 or step == args.max_steps)
         if eval_now and args.stage == "sft" and run.heldout_rows:
             row["heldout_loss"] = heldout_loss(model, run.heldout_rows, args, device, run.autocast, rank == 0)
-        if eval_now and args.eval_data and rank == 0:
-            row.update(benchmark_eval(model, tokenizer, args, step))
-            model.train()
+        if eval_now and args.eval_data:
+            row.update(benchmark_eval(run, args, step))
         if rank == 0:
             eta = (time.perf_counter() - t_start) / (step - first_step) * (args.max_steps - step)
             bar.update(1)
             bar.write(log_line(row, eta))
+            if args.stage == "rl" and (row["grad_norm"] == 0 or row["zero_variance_groups"] * args.group_size ==
+                                       row["episodes"]):
+                bar.write(f"warning: step {step} {'trained nothing' if row['grad_norm'] == 0 else 'trained only the KL term'}"
+                          f": {nothing_learned(row)}")
             metrics.write(json.dumps(row) + "\n")
             tracker.log(row)
             metrics.flush()
@@ -671,7 +829,7 @@ class Tracker:
             run_id = open(id_file).read().strip() if os.path.isfile(id_file) else uuid.uuid4().hex[:8]
             with open(id_file, "w") as f:
                 f.write(run_id)
-            self.wandb = wandb.init(project=args.wandb, id=run_id, resume="allow", dir=args.out, config=vars(args),
+            self.wandb = wandb.init(project=args.wandb, id=run_id, resume="allow", dir=args.out, config=saved_args(args),
                                     name=os.path.basename(os.path.normpath(args.out)))
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -700,8 +858,23 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-LOG_KEYS = ("loss", "reward", "accuracy", "exploration", "mean_length", "truncation_rate", "kl", "entropy_est",
-            "clip_frac", "logprob_gap", "grad_norm", "lr", "tokens_per_s", "heldout_loss", "peak_mem_gib")
+LOG_KEYS = ("loss", "reward", "accuracy", "exploration", "mean_length", "truncation_rate", "zero_variance_groups",
+            "kl", "entropy_est", "clip_frac", "logprob_gap", "grad_norm", "lr", "tokens_per_s", "heldout_loss",
+            "peak_mem_gib")
+
+
+def nothing_learned(row):
+    """Why an RL step's rewards gave no signal: every group's rewards were equal (with a group baseline,
+    every advantage is then 0), and what they had in common."""
+    if row["truncation_rate"] == 1.0:
+        why = "every response was cut off at --max-new-tokens (raise it, or see --overlong-buffer)"
+    elif row["accuracy"] == 0.0:
+        why = "every response was wrong"
+    elif row["accuracy"] == 1.0:
+        why = "every response was right (--filter-solved drops problems the model already solves)"
+    else:
+        why = "the responses of each problem scored the same"
+    return f"each group's rewards were all equal, so every advantage was 0: {why}"
 
 
 def log_line(row, eta):
@@ -711,151 +884,43 @@ def log_line(row, eta):
         if k in row:
             v = row[k]
             parts.append(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.0f}" if k.endswith("per_s") or k == "mean_length"
-                         else f"{k} {v:.4f}")
+                         else f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}")
     return " | ".join(parts) + f" | eta {eta / 60:.1f} min"
 
 
-def benchmark_eval(model, tokenizer, args, step):
+def benchmark_eval(run, args, step):
+    """eval.py's greedy benchmark eval of the current policy, from the sampler's weights (a bf16 copy on
+    GPU; gathered when sharded), each rank sampling its share of the problems: no rank waits on a long
+    eval by another, past the collectives' timeout. Rank 0 writes OUT/eval-STEP (samples.jsonl,
+    summary.json) and returns the accuracy and mean length for the metrics row; the other ranks {}."""
     from data import load_dataset
-    from eval import evaluate
-    model.eval()
+    from eval import append_samples, sample_records, write_summary
     records = load_dataset(args.eval_data, args.data_dir, limit=args.eval_limit)
-    s = evaluate(model, tokenizer, records, os.path.join(args.out, f"eval-{step:06d}"), max_new_tokens=args.eval_max_new_tokens,
-                 prompt=args.prompt)
+    lines = run.rollout.together(  # every rank: gathering the weights, or sampling split with --tp, is collective
+        lambda weights, mine: sample_records(weights, run.tokenizer, mine, max_new_tokens=args.eval_max_new_tokens,
+                                             prompt=args.prompt, progress=False), records[run.rank::run.world])
+    if dist.is_initialized():
+        parts = [None] * run.world
+        dist.all_gather_object(parts, lines)
+        order = {r.id: i for i, r in enumerate(records)}
+        lines = sorted((x for p in parts for x in p), key=lambda x: order[x["id"]])
+    if run.rank != 0:
+        return {}
+    out = os.path.join(args.out, f"eval-{step:06d}")
+    shutil.rmtree(out, ignore_errors=True)  # a step redone after --resume evaluates again
+    os.makedirs(out)
+    append_samples(os.path.join(out, "samples.jsonl"), lines)
+    s = write_summary(lines, "strict", out)
     return {f"eval_{args.eval_data}_accuracy": s["accuracy"], f"eval_{args.eval_data}_mean_length": s["mean_length"]}
-
-
-# ----------------------------------------------------------------------------- the CPU demo
-
-DEMO_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def build_demo_model(path, seed=0):
-    """A small Llama from scratch in HF layout: a character-level tokenizer trained with `tokenizers`
-    on the task's alphabet, a chat template, and randomly initialised weights."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    from model import Config, Transformer
-    specials = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
-    tk.decoder = decoders.Fuse()
-    alphabet = "0123456789+=\n\\boxed{}Problem: system verify"
-    tk.train_from_iterator([alphabet], trainers.BpeTrainer(vocab_size=len(specials) + len(set(alphabet)),
-                                                           special_tokens=specials))
-    os.makedirs(path, exist_ok=True)
-    tk.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": DEMO_TEMPLATE, "eos_token": "<|end|>", "pad_token": "<|pad|>"}, f)
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": [tk.token_to_id("<|end|>")]}, f)
-    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tk.get_vocab_size(),
-           "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
-           "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": tk.token_to_id("<|end|>"),
-           "pad_token_id": tk.token_to_id("<|pad|>")}
-    torch.manual_seed(seed)
-    model = Transformer(Config.from_dict(raw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.02)
-    model.save_pretrained(path)
-    return path
-
-
-def parse_mix(text):
-    """--demo-mix "direct:2,steps:1,checked:1" -> (["direct", "steps", "checked"], [2.0, 1.0, 1.0])."""
-    styles, weights = [], []
-    for part in text.split(","):
-        name, _, w = (s.strip() for s in part.partition(":"))
-        if name not in ("direct", "steps", "checked"):
-            raise ValueError(f"--demo-mix {text!r}: unknown style {name!r} (expected direct, steps or checked)")
-        try:
-            weights.append(float(w or 1))
-        except ValueError:
-            raise ValueError(f"--demo-mix {text!r}: weight {w!r} of {name} is not a number") from None
-        styles.append(name)
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--demo-mix {text!r}: weights must be >= 0 with a positive sum")
-    return styles, weights
-
-
-def demo(args):
-    """`python train.py`: SFT then RLSP on synthetic arithmetic, from scratch, on a CPU, in minutes."""
-    from data import arithmetic
-    from eval import evaluate, mean_ci95, read_samples
-    from model import Tokenizer, Transformer
-    out = args.out
-    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
-        raise FileExistsError(f"{out} is not empty: remove it or pass another --out")
-    cli.interrupt_note = f"the demo's partial run is in {out}; remove it to run the demo again"
-    t0 = time.perf_counter()
-    base = build_demo_model(os.path.join(out, "base"), args.seed)
-    problems = arithmetic(args.demo_problems + args.demo_heldout, seed=args.seed, terms=10, digits=1)
-    heldout, pool = problems[:args.demo_heldout], problems[args.demo_heldout:]
-    half = len(pool) // 2
-    styles, weights = parse_mix(args.demo_mix)
-    rng = random.Random(args.seed)
-    with open(os.path.join(out, "sft.jsonl"), "w") as f:
-        for r in pool[:half]:
-            f.write(json.dumps({"prompt": r.problem, "response": r.meta[rng.choices(styles, weights)[0]]}) + "\n")
-    with open(os.path.join(out, "rl.jsonl"), "w") as f:
-        for r in pool[half:]:
-            f.write(json.dumps({"problem": r.problem, "answer": r.answer}) + "\n")
-    common = ["--seed", str(args.seed), "--eval-every", "0", "--save-every", "1000000", "--warmup-steps", "10"]
-    sft = os.path.join(args.demo_sft or out, "sft")
-    if args.demo_sft:  # that demo's SFT model, if it was trained on exactly these demonstrations for as long
-        prev = os.path.join(args.demo_sft, "sft.jsonl")
-        if not (os.path.isfile(prev) and os.path.isfile(os.path.join(sft, "final", "model.safetensors"))):
-            raise FileNotFoundError(f"--demo-sft {args.demo_sft}: no finished demo there (sft.jsonl and sft/final)")
-        with open(prev) as a, open(os.path.join(out, "sft.jsonl")) as b, open(os.path.join(sft, "args.json")) as c:
-            if a.read() != b.read() or json.load(c)["max_steps"] != args.demo_sft_steps:
-                raise ValueError(f"--demo-sft {args.demo_sft}: its SFT stage differs from this run's (another --seed, "
-                                 f"--demo-mix, --demo-problems or --demo-sft-steps)")
-    else:
-        main(["--stage", "sft", "--model", base, "--data", os.path.join(out, "sft.jsonl"), "--out", sft,
-              "--seq-len", "256", "--batch-size", "16", "--micro-batch-size", "16", "--lr", "3e-3", "--heldout", "64",
-              "--max-steps", str(args.demo_sft_steps), *common])
-    main(["--stage", "rl", "--model", os.path.join(sft, "final"), "--data", os.path.join(out, "rl.jsonl"),
-          "--out", os.path.join(out, "rlsp"), "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "128",
-          "--temperature", str(args.demo_rl_temperature), "--lr", str(args.demo_rl_lr),
-          "--max-steps", str(args.demo_rl_steps), "--exploration", args.exploration,
-          "--length-c", str(args.demo_length_c), "--alpha", str(args.alpha), "--episodes-every", "10", *common])
-    table = {}
-    for stage in ("sft", "rlsp"):
-        folder = os.path.join(sft if stage == "sft" else os.path.join(out, stage), "final")
-        s = evaluate(Transformer.from_pretrained(folder, device="cpu"), Tokenizer.from_pretrained(folder), heldout,
-                     os.path.join(out, f"eval-{stage}"), max_new_tokens=128, batch_size=250, progress=False)
-        table[stage] = s
-    summary = {"heldout_n": len(heldout), "exploration": args.exploration, "seconds": time.perf_counter() - t0}
-    for stage, s in table.items():
-        summary[f"{stage}_accuracy"], summary[f"{stage}_ci95"] = s["accuracy"], s["ci95"]
-        summary[f"{stage}_mean_length"] = s["mean_length"]
-        summary[f"{stage}_verification_rate"] = s["behaviour_rates_proxy"]["verification"]
-    by_id = [sorted(read_samples(os.path.join(out, f"eval-{stage}")), key=lambda x: (x["id"], x["sample"]))
-             for stage in ("sft", "rlsp")]
-    paired = [b["correct"] - a["correct"] for a, b in zip(*by_id)]
-    summary["gain"], summary["gain_ci95"] = mean_ci95(paired)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"\nheld-out synthetic arithmetic, {len(heldout)} problems, greedy ({summary['seconds']:.0f} s in all)")
-    print("| stage | accuracy | 95% CI | mean length | verifies |\n|---|---:|---:|---:|---:|")
-    for stage, name in (("sft", "SFT"), ("rlsp", f"SFT + RLSP ({args.exploration})")):
-        lo, hi = summary[f"{stage}_ci95"]
-        print(f"| {name} | {summary[f'{stage}_accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] | "
-              f"{summary[f'{stage}_mean_length']:.1f} | {summary[f'{stage}_verification_rate']:.1%} |")
-    lo, hi = summary["gain_ci95"]
-    print(f"gain {summary['gain']:+.1%} (paired 95% CI [{lo:+.1%}, {hi:+.1%}]); summary: {os.path.join(out, 'summary.json')}")
-    return summary
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         return plot(args.plot)
-    if not args.model and not args.dry_run:  # no model: the offline demo, the project's main job
-        return demo(args)
+    if args.tiny or (not args.model and not args.dry_run):  # the tiny run, or the offline demo (the main job)
+        import demo
+        return demo.tiny(args) if args.tiny else demo.run(args)
     return train(args)
 
 

@@ -5,7 +5,9 @@
 Model text is untrusted: it is never passed to eval/exec/sympify/parse_expr. A small recursive-descent
 parser turns LaTeX into sympy objects directly, with bounds on length, nesting, exponent size, factorials
 and matrix size; every verdict runs in a worker process with a hard wall-clock limit (default 1 s), so
-even a sympy call stuck in C code cannot stall RL or evaluation.
+even a sympy call stuck in C code cannot stall RL or evaluation. What also runs in the calling process
+(extraction, normalisation: eval.py votes on normalised answers) is regexes that take time linear in
+the text, whatever a model wrote (tests/test_verifier_fuzz.py holds each pattern to that).
 
 Equivalence, in order: normalised strings equal (MATH/Minerva-style normalisation: \\left, \\!, \\dfrac,
 degrees, percent, units, `x =`, thousands separators, trailing zeros); structure (sets and solution lists
@@ -34,6 +36,8 @@ STATUSES = ("correct", "incorrect", "no_answer", "unparseable", "timeout")
 # ----------------------------------------------------------------------------- extraction
 
 _BRACE = re.compile(r"\\[{}]|[{}]")
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*(\{|[^\s{$\\])")
+_BOX_WORD = re.compile(r"[^\s$]+")
 
 
 def _closing_braces(text, start=0):
@@ -54,14 +58,14 @@ def boxed_spans(text):
     """(start, end) of the contents of every \\boxed{...} / \\fbox{...} / `\\boxed x`, in order: positions,
     not copies, so that thousands of nested boxes cost linear time."""
     out, pairs = [], None
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{|[^\s{$\\])", text):
+    for m in _BOX.finditer(text):
         if m.group(1) == "{":
             pairs = _closing_braces(text, m.start(1)) if pairs is None else pairs
             end = pairs.get(m.start(1))
             if end is not None:
                 out.append((m.start(1) + 1, end))
-        else:  # \boxed 2  (no braces): up to the next space or $
-            out.append((m.start(1), m.start(1) + re.match(r"[^\s$]+", text[m.start(1):]).end()))
+        else:  # \boxed 2  (no braces): up to the next space or $ (matched in place: a slice would copy the rest)
+            out.append((m.start(1), _BOX_WORD.match(text, m.start(1)).end()))
     return out
 
 
@@ -71,9 +75,15 @@ def boxed_answers(text):
 
 
 _FINAL_ANSWER = re.compile(r"final answer is[:\s]*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
-_ANSWER_COLON = re.compile(r"(?:^|\n)\s*\**answer\**\s*:\s*(.+?)\s*(?:\n|$)", re.IGNORECASE)
+# "Answer:" and "####" take the rest of the line from its first to its last non-blank character,
+# \S(?:[^\n]*\S)?, where a lazy (.+?)\s*$ rescanned the rest of the line at every character (quadratic on
+# a line of spaces); with only blanks up to the end of the text, one blank (an empty answer, as before).
+# The blanks before "Answer" are those after its line's newline: \s* there let every newline of a run of
+# blank lines start a scan to the end of the run (quadratic in blank lines). Same matches as before.
+_ANSWER_COLON = re.compile(r"(?:^|\n)[^\S\n]*\**answer\**\s*:\s*(\S(?:[^\n]*\S)?|[^\S\n](?=\n*\Z))\s*(?:\n|$)",
+                           re.IGNORECASE)
 _THE_ANSWER_IS = re.compile(r"answer is[:\s]*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
-_GSM8K = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+_GSM8K = re.compile(r"####\s*(\S(?:[^\n]*\S)?|[^\S\n](?=\n*\Z))")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 FALLBACKS = {
@@ -131,6 +141,9 @@ def extract_answer(text, mode="last_boxed", fallbacks=()):
     return None
 
 
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{(.*)\}", re.DOTALL)
+
+
 def strip_wrappers(s):
     s = s.strip()
     for _ in range(5):
@@ -139,7 +152,7 @@ def strip_wrappers(s):
         for a, b in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
             if s.startswith(a) and s.endswith(b) and len(s) >= len(a) + len(b):
                 s = s[len(a):len(s) - len(b)].strip()
-        m = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{(.*)\}", s, re.DOTALL)
+        m = _TEXT_WRAPPER.fullmatch(s)
         if m and _closing_braces(s, m.start(1) - 1).get(m.start(1) - 1) == len(s) - 1:  # one group, not {a} x {b}
             s = m.group(1).strip()
         if s == before:
@@ -149,67 +162,102 @@ def strip_wrappers(s):
 
 # ----------------------------------------------------------------------------- normalisation
 
+# A unit phrase must match one way only: with "sq ft" both one unit and "sq" then "ft", every repeat of it
+# doubled the ways to try (a looping model's "sq ft sq ft ..." never finished). "sq ft" is two units;
+# only "sq.ft", "sq. ft" and "sqft" are one.
 UNITS = ("units?|square|sq|cubic|cm|centimeters?|mm|millimeters?|m|meters?|km|kilometers?|inch(?:es)?|in|feet|foot|ft|"
          "yards?|miles?|mph|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|degrees?|"
          "dollars?|cents?|pounds?|lbs?|ounces?|oz|grams?|g|kg|kilograms?|liters?|litres?|l|ml|gallons?|people|"
-         "students?|points?|ways?|times|percent|sq\\.?\\s*units?|sq\\.?\\s*ft|sq\\.?\\s*in")
+         "students?|points?|ways?|times|percent|sq(?:\\.\\s*)?(?:units?|ft|in)")
 _UNITS = r"(?:" + UNITS + r")(?:\s+(?:per\s+)?(?:" + UNITS + r"))*"  # two-word and compound: square units, inches per second
 _UNIT_TEXT = re.compile(r"\\(?:text|textnormal|textbf|mbox|mathrm)\{\s*" + _UNITS + r"(?:\s*\^?\{?[23]\}?)?\s*\}(?:\^\{?[23]\}?)?")
 _UNIT_WORD = re.compile(r"(?<=[\d}])\s*" + _UNITS + r"(?:\^?\{?[23]\}?)?\s*$")
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"), None)  # zero-width characters
 _VARIABLE = r"[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+"
-_LABEL = rf"[a-zA-Z](?:_\{{?\w+\}}?)?(?:\([a-z]\))?|\\[a-zA-Z]+|\((?:(?:{_VARIABLE}),)+(?:{_VARIABLE})\)"  # x, f(x), (p,q)
+_LABEL = re.compile(  # x, f(x), (p,q)
+    rf"[a-zA-Z](?:_\{{?\w+\}}?)?(?:\([a-z]\))?|\\[a-zA-Z]+|\((?:(?:{_VARIABLE}),)+(?:{_VARIABLE})\)")
+# normalize's rewrites, in the order it applies them
+_SIZING = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])")
+_SPACING = re.compile(r"\\(?:displaystyle|quad|qquad)(?![a-zA-Z])")
+_FRAC_STYLE = re.compile(r"\\[dtc]frac")
+_FRAC_SPACED = re.compile(r"\\frac\s*(\d)\s*(\d)")  # \frac 59, \frac 1 2
+_FRAC_SPACE = re.compile(r"\\frac\s+")
+_DEGREE = re.compile(r"\^\s*(?:\{\s*)?\\circ\s*\}?|\\circ|°|\\degree")  # ^{ \circ}: one way to read the blanks
+_OR_AND = re.compile(r"\\(?:text|textnormal|textbf|mbox|mathrm)\{\s*(?:or|and)\s*\}"
+                     r"|(?<![a-zA-Z\\])(?:or|and)(?![a-zA-Z])|;")
+_TEXT = re.compile(r"\\(?:text|textnormal|textbf|mathrm|mathbf|mbox|textit|operatorname)\{([^{}]*)\}")
+_FRAC_DIGITS = re.compile(r"\\frac(\d)(\d)")
+_FRAC_DIGIT_BRACE = re.compile(r"\\frac(\d)\{")
+_FRAC_BRACE_DIGIT = re.compile(r"\\frac\{([^{}]*)\}(\d)")
+_SQRT_DIGITS = re.compile(r"\\sqrt(\d+)")
+_LE = re.compile(r"\\(?:le|leq|leqslant)(?![a-zA-Z])|<=")
+_GE = re.compile(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])|>=")
+_NE = re.compile(r"\\(?:ne|neq)(?![a-zA-Z])|!=")
+_LT = re.compile(r"\\lt(?![a-zA-Z])")
+_GT = re.compile(r"\\gt(?![a-zA-Z])")
+_SCRIPT_SPACE = re.compile(r"([_^])(\w)\s+")
+_COMMAND_SPACE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])")
+_BLANKS = re.compile(r"\s+")
+_LONE_LETTER = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z](?![a-zA-Z])")
+_MEMBER = re.compile(rf"(?:{_VARIABLE})\\in(.+)")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_LEADING_POINT = re.compile(r"(?<![\d.])\.(\d)")
+# A run of digits is tried from its first digit only, and the decimals kept are "up to the last non-zero
+# one": a lazy \d*? before 0+ retried the zeros at every digit (quadratic on 1.000...0001, as was starting
+# \d+ inside a long run of digits).
+_TRAILING_ZEROS = re.compile(r"(?<!\d)(\d+\.(?:\d*[1-9])?)0+(?!\d)")
+_TRAILING_POINT = re.compile(r"(\d)\.(?!\d)")
+_CHOICE = re.compile(r"\(([A-Ea-e])\)")
+_MIXED = re.compile(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")
 
 
 def normalize(s):
     """Canonical string form of an answer (MATH `strip_string` + Minerva's normalisation)."""
     s = strip_wrappers(str(s).translate(_INVISIBLE).replace("\u2212", "-").replace("\u2013", "-"))
     s = s.replace("\n", " ").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
-    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
-    s = re.sub(r"\\(?:displaystyle|quad|qquad)(?![a-zA-Z])", " ", s)
-    s = re.sub(r"\\[dtc]frac", r"\\frac", s).replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac 59, \frac 1 2
-    s = re.sub(r"\\frac\s+", r"\\frac", s)
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree", "", s)
+    s = _SIZING.sub("", s)
+    s = _SPACING.sub(" ", s)
+    s = _FRAC_STYLE.sub(r"\\frac", s).replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
+    s = _FRAC_SPACED.sub(r"\\frac{\1}{\2}", s)
+    s = _FRAC_SPACE.sub(r"\\frac", s)
+    s = _DEGREE.sub("", s)
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
     s = _UNIT_TEXT.sub("", s)
     s = _UNIT_WORD.sub("", s)
-    # "1 or 2", "1 \text{ and } 2", "1; 2": a list of solutions
-    s = re.sub(r"\\(?:text|textnormal|textbf|mbox|mathrm)\{\s*(?:or|and)\s*\}|(?<![a-zA-Z\\])(?:or|and)(?![a-zA-Z])|;",
-               ",", s)
-    s = re.sub(r"\\(?:text|textnormal|textbf|mathrm|mathbf|mbox|textit|operatorname)\{([^{}]*)\}", r"\1", s)
+    s = _OR_AND.sub(",", s)  # "1 or 2", "1 \text{ and } 2", "1; 2": a list of solutions
+    s = _TEXT.sub(r"\1", s)
     s = s.replace("{,}", "")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
-    s = re.sub(r"\\(?:le|leq|leqslant)(?![a-zA-Z])|<=", "≤", s)
-    s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])|>=", "≥", s)
-    s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])|!=", "≠", s)
-    s = re.sub(r"\\lt(?![a-zA-Z])", "<", s)
-    s = re.sub(r"\\gt(?![a-zA-Z])", ">", s)
-    s = re.sub(r"([_^])(\w)\s+", r"\1{\2}", s)  # \log_2 8: the subscript is one character
-    s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\0", s)  # keep "\cdot x" from becoming "\cdotx"
-    s = re.sub(r"\s+", "", s).replace("\0", " ")
+    s = _FRAC_DIGITS.sub(r"\\frac{\1}{\2}", s)
+    s = _FRAC_DIGIT_BRACE.sub(r"\\frac{\1}{", s)
+    s = _FRAC_BRACE_DIGIT.sub(r"\\frac{\1}{\2}", s)
+    s = _SQRT_DIGITS.sub(r"\\sqrt{\1}", s)
+    s = _LE.sub("≤", s)
+    s = _GE.sub("≥", s)
+    s = _NE.sub("≠", s)
+    s = _LT.sub("<", s)
+    s = _GT.sub(">", s)
+    s = _SCRIPT_SPACE.sub(r"\1{\2}", s)  # \log_2 8: the subscript is one character
+    s = _COMMAND_SPACE.sub("\\1\0", s)  # keep "\cdot x" from becoming "\cdotx"
+    s = _BLANKS.sub("", s).replace("\0", " ")
     # a leading "x =" / "f(x)=" / "\theta =" / "(p,q) =" when it is the answer's only equals sign and what
     # follows has no variable of its own (y = 2x+1 stays an equation: _equal compares it either way); "x \in"
     if s.count("=") == 1:
         lhs, rhs = s.split("=")
-        if rhs and re.fullmatch(_LABEL, lhs) and not re.search(r"(?<![\\a-zA-Z])[a-zA-Z](?![a-zA-Z])", rhs):
+        if rhs and _LABEL.fullmatch(lhs) and not _LONE_LETTER.search(rhs):
             s = rhs
-    m = re.fullmatch(rf"(?:{_VARIABLE})\\in(.+)", s)
+    m = _MEMBER.fullmatch(s)
     if m:
         s = m.group(1)
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # thousands separators
+    if _THOUSANDS.fullmatch(s):  # thousands separators
         s = s.replace(",", "")
-    s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
-    s = re.sub(r"(\d+\.\d*?)0+(?!\d)", r"\1", s)  # trailing zeros: 2.50 -> 2.5, 3.0 -> 3.
-    s = re.sub(r"(\d)\.(?!\d)", r"\1", s)
-    m = re.fullmatch(r"\(([A-Ea-e])\)", s)  # multiple choice (C) -> C; a bare e stays Euler's number
+    s = _LEADING_POINT.sub(r"0.\1", s)
+    s = _TRAILING_ZEROS.sub(r"\1", s)  # trailing zeros: 2.50 -> 2.5, 3.0 -> 3.
+    s = _TRAILING_POINT.sub(r"\1", s)
+    m = _CHOICE.fullmatch(s)  # multiple choice (C) -> C; a bare e stays Euler's number
     if m:
         s = m.group(1).upper()
-    m = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)  # mixed number 2\frac{1}{2}
-    if m:
+    m = _MIXED.fullmatch(s)  # mixed number 2\frac{1}{2} (of a sane length: int() refuses 4,300 digits)
+    if m and len(s) <= MAX_ANSWER_CHARS:
         whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
         s = f"{m.group(1)}\\frac{{{whole * den + num}}}{{{den}}}"
     return s
@@ -497,8 +545,11 @@ def _unordered_equal(xs, ys):
     return True
 
 
+_MATRIX = re.compile(r"\\begin\{([pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}")
+
+
 def _matrix(s):
-    m = re.fullmatch(r"\\begin\{([pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", s)
+    m = _MATRIX.fullmatch(s)
     if not m:
         return None
     rows = [r for r in m.group(2).split("\\\\") if r]
@@ -562,7 +613,7 @@ def _equal(a, b):
         sa, sb = _relation(a, ops), _relation(b, ops)
         if ops == ("=",) and bool(sa) != bool(sb):  # y = 2x+1 against 2x+1: the labelled side's value
             labelled = sa or sb
-            return bool(re.fullmatch(_LABEL, labelled[0])) and _equal(*((labelled[2], b) if sa else (a, labelled[2])))
+            return bool(_LABEL.fullmatch(labelled[0])) and _equal(*((labelled[2], b) if sa else (a, labelled[2])))
         if sa or sb:
             if not (sa and sb and sa[1] == sb[1]):
                 return False
@@ -580,22 +631,25 @@ def _expand_pm(s):
 
 
 _INTERVAL_BRACKETS = ("()", "[]", "(]", "[)")
+# DOTALL: (.+) always reaches the end, so a failed fullmatch is never retried from each bound (quadratic
+# on a long text ending in a newline; normalised answers hold no newline, so verdicts are the same)
+_CHAIN = re.compile(rf"(.+?)([<≤>≥])(?:{_VARIABLE})([<≤>≥])(.+)", re.DOTALL)
+_ONE_SIDED = re.compile(rf"({_VARIABLE})([<≤>≥])(.+)|(.+?)([<≤>≥])({_VARIABLE})", re.DOTALL)
 
 
 def _as_interval(s):
     """The interval a one-variable inequality describes, as a normalised string: x<3 -> (-\\infty,3),
     -2≤x≤7 -> [-2,7], 5>x -> (-\\infty,5); None for anything else."""
-    var = rf"(?:{_VARIABLE})"
     low = {"<": "(", "≤": "["}
     high = {"<": ")", "≤": "]"}
     flip = {">": "<", "≥": "≤"}
-    m = re.fullmatch(rf"(.+?)([<≤>≥]){var}([<≤>≥])(.+)", s)
+    m = _CHAIN.fullmatch(s)
     if m and (m.group(2) in low) == (m.group(3) in low):  # a chain, both one way
         lo, op1, op2, hi = m.group(1), m.group(2), m.group(3), m.group(4)
         if op1 in flip:
             lo, hi, op1, op2 = hi, lo, flip[op2], flip[op1]
         return f"{low[op1]}{lo},{hi}{high[op2]}"
-    m = re.fullmatch(rf"({var})([<≤>≥])(.+)|(.+?)([<≤>≥])({var})", s)
+    m = _ONE_SIDED.fullmatch(s)
     if not m:
         return None
     if m.group(1):
@@ -654,11 +708,13 @@ def _points(symbols, seed, exact=False, tries=12):
         yield {s: sympy.Rational(rng.randint(5, 25), 10) if exact else rng.uniform(0.5, 2.5) for s in symbols}
 
 
-def _has_decimal(s):
-    return bool(re.search(r"\d\.\d", s))
-
-
+_DECIMAL_POINT = re.compile(r"\d\.\d")
 _DECIMAL = re.compile(r"-?\d*\.\d+")
+_BASE = re.compile(r"\d+_\{?\d+\}?")  # 1011_2: digits + base
+
+
+def _has_decimal(s):
+    return bool(_DECIMAL_POINT.search(s))
 
 
 def _places(decimal):
@@ -682,8 +738,8 @@ def _rounds_to(decimal, value, value_text=None):
 def _scalar_equal(a, b):
     """Numbers and expressions: exact rationals, else numerically close (at random points when free
     symbols remain)."""
-    if re.fullmatch(r"\d+_\{?\d+\}?", a) or re.fullmatch(r"\d+_\{?\d+\}?", b):  # 1011_2: digits + base
-        return re.sub(r"[{}]", "", a).split("_")[0] == re.sub(r"[{}]", "", b).split("_")[0]
+    if _BASE.fullmatch(a) or _BASE.fullmatch(b):
+        return a.replace("{", "").replace("}", "").split("_")[0] == b.replace("{", "").replace("}", "").split("_")[0]
     if a.isalpha() and b.isalpha() and max(len(a), len(b)) >= 3:  # words (Monday, yes), not products (ab)
         return a.lower() == b.lower()
     x, y = parse_latex(a), parse_latex(b)
@@ -775,11 +831,43 @@ def _verdict_dict(response, gold, mode):
     return asdict(_verdict(response, gold, mode))
 
 
-def _serve(read_fd, write_fd):
+WORKER_MEMORY = 2 << 30  # bytes of address space a worker may map (RLIMIT_AS); it maps ~60 MB with sympy loaded
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # this container's CPU quota (cgroup v2), where it has one
+_HERE = os.path.dirname(os.path.abspath(__file__))  # the project folder, where workers import verifier from
+
+
+def default_workers():
+    """Worker processes for grade_batch: the CPUs this process may use (its affinity mask, capped by its
+    cgroup's CPU quota) shared among the ranks torchrun started on this machine (LOCAL_WORLD_SIZE), at
+    least one. os.cpu_count() counts every core of the machine: 8 ranks on a 128-core node would start
+    1,024 workers (~50 MB each), and under that contention correct answers would time out (reward 0)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()  # "max 100000": no quota; "200000 100000": 2 CPUs
+        if quota != "max":
+            cpus = min(cpus, int(quota) // int(period))
+    except (OSError, ValueError):  # no cgroup v2 quota to read here: the affinity mask decides
+        pass
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
+
+
+def _serve(read_fd, write_fd, cpu_seconds):
     """Worker loop: receive (fn, args), send fn(*args). Runs in a fresh interpreter, so it never
     re-imports the caller's __main__ (as multiprocessing's spawn would) and never inherits locks
-    or threads from a forked parent."""
+    or threads from a forked parent.
+
+    It limits itself before the first job: WORKER_MEMORY of address space (sympy asked for something huge
+    fails with MemoryError, which compare reports as unparseable, or the worker dies and the caller reports
+    a timeout; the machine never swaps) and no core file. The caller's wall-clock timeout is what bounds a
+    job; RLIMIT_CPU is the backstop for a worker stuck in a job whose caller is gone (killed with SIGKILL,
+    so nobody kills the worker): the kernel ends it (SIGXCPU) after `cpu_seconds` more of CPU time. That
+    limit counts CPU time over the process's whole life, so it is moved before each job to the time used
+    so far plus `cpu_seconds`: a fixed one would end a long-lived worker after its first thousands of jobs."""
+    import resource
     from multiprocessing.connection import Connection
+    _soft_limit(resource.RLIMIT_AS, WORKER_MEMORY)
+    _soft_limit(resource.RLIMIT_CORE, 0)
     sys.setrecursionlimit(10_000)
     reader, writer = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     import sympy  # noqa: F401  (imported before "ready", so start-up never counts against a verdict)
@@ -789,7 +877,17 @@ def _serve(read_fd, write_fd):
             fn, args = reader.recv()
         except EOFError:
             return
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        _soft_limit(resource.RLIMIT_CPU, math.ceil(used.ru_utime + used.ru_stime) + cpu_seconds)
         writer.send(fn(*args))
+
+
+def _soft_limit(kind, value):
+    """Set the soft resource limit `kind` to `value`, or to the hard limit where that is lower (a process
+    cannot pass its hard limit)."""
+    import resource
+    hard = resource.getrlimit(kind)[1]
+    resource.setrlimit(kind, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
 
 
 @dataclass
@@ -799,7 +897,8 @@ class Timeout:
 
 class Pool:
     """Worker processes that each run `fn(*job)` for one job at a time. A worker that overruns
-    `timeout` seconds (or dies) is killed and replaced, and that job's result is a `Timeout`."""
+    `timeout` seconds is killed and replaced, as is one that dies (killed, or at a limit _serve sets), and
+    that job's result is a `Timeout`."""
 
     def __init__(self, workers=1, timeout=1.0, fn=_verdict_dict):
         self.timeout, self.fn = timeout, fn
@@ -810,10 +909,16 @@ class Pool:
         from multiprocessing.connection import Connection
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        here = os.path.dirname(os.path.abspath(__file__))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-        p = subprocess.Popen([sys.executable, "-c", f"import verifier; verifier._serve({to_child_r}, {from_child_w})"],
-                             pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env)
+        # -I keeps the working directory (and PYTHONPATH, the user's site-packages) off the worker's sys.path,
+        # so a verifier.py, sympy.py or json.py lying there never runs in a worker. The worker gets the
+        # project folder and this process's absolute sys.path instead, and imports what this process does
+        # ('' and relative entries, which name the working directory, are left out). CPU time per job: a
+        # worker runs one thread, so ceil(timeout) + 1 seconds of it never end a job the caller waits for.
+        path = [_HERE] + [p for p in sys.path if os.path.isabs(p)]
+        code = (f"import sys; sys.path[:0] = {path!r}; import verifier; "
+                f"verifier._serve({to_child_r}, {from_child_w}, {math.ceil(self.timeout) + 1})")
+        p = subprocess.Popen([sys.executable, "-I", "-c", code], pass_fds=(to_child_r, from_child_w),
+                             stdin=subprocess.DEVNULL)
         os.close(to_child_r)
         os.close(from_child_w)
         conns = (Connection(to_child_w, readable=False), Connection(from_child_r, writable=False))
@@ -823,7 +928,7 @@ class Pool:
             ready = False
         if not ready:
             self._stop(p, conns)
-            raise RuntimeError(f"verifier worker process did not start ({sys.executable} -c 'import verifier')")
+            raise RuntimeError(f"verifier worker process did not start ({sys.executable} -I, import verifier)")
         return p, conns
 
     def map(self, jobs):
@@ -895,20 +1000,14 @@ def grade(response, gold, mode="last_boxed", timeout=1.0):
 
 
 def grade_batch(responses, golds, mode="last_boxed", workers=None, timeout=1.0):
-    """Verdicts for many responses, spread over `workers` processes (default: all CPU cores)."""
+    """Verdicts for many responses, spread over `workers` processes (default: default_workers()). A verdict
+    that runs out of time keeps the answer extracted here (extraction is linear-time, safe in this process)."""
     if len(responses) != len(golds):
         raise ValueError(f"grade_batch: {len(responses)} responses but {len(golds)} gold answers")
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     out = _pool(workers, timeout).map([(r, g, mode) for r, g in zip(responses, golds)])
-    return [Verdict(False, _safe_extract(r, mode), "timeout", x.why) if isinstance(x, Timeout) else Verdict(**x)
+    return [Verdict(False, extract_answer(r, mode), "timeout", x.why) if isinstance(x, Timeout) else Verdict(**x)
             for r, x in zip(responses, out)]
-
-
-def _safe_extract(response, mode):
-    try:
-        return extract_answer(response, mode)
-    except RecursionError:
-        return None
 
 
 # ----------------------------------------------------------------------------- behaviour proxies
@@ -931,13 +1030,14 @@ BEHAVIOURS = {
 def main(argv=None):
     from cli import Parser, number, positive
     p = Parser(description="Grade a JSONL file of responses against gold answers.")
-    p.add_argument("file")
-    p.add_argument("--response-field", default="response")
-    p.add_argument("--answer-field", default="answer")
-    p.add_argument("--mode", default="last_boxed", choices=sorted(MODES))
+    p.add_argument("file", help="a JSONL file, one response and its gold answer per line")
+    p.add_argument("--response-field", default="response", help="the response's field")
+    p.add_argument("--answer-field", default="answer", help="the gold answer's field")
+    p.add_argument("--mode", default="last_boxed", choices=sorted(MODES), help="how the answer is extracted")
     p.add_argument("--timeout", type=number(float, 0, low_open=True), default=1.0, help="seconds per verdict")
-    p.add_argument("--workers", type=positive, default=None, help="worker processes (default: the CPU count)")
-    p.add_argument("--out", default=None, help="default: FILE with .verdicts.jsonl")
+    p.add_argument("--workers", type=positive, default=None,
+                   help="worker processes (default: the CPUs this process may use, over torchrun's local ranks)")
+    p.add_argument("--out", default=None, help="where the verdicts go (default: FILE with .verdicts.jsonl)")
     args = p.parse_args(argv)
     if not os.path.isfile(args.file):
         raise FileNotFoundError(f"{args.file} not found")
@@ -956,7 +1056,7 @@ def main(argv=None):
             rows.append(row)
     verdicts = grade_batch([r[args.response_field] for r in rows], [r[args.answer_field] for r in rows],
                            args.mode, args.workers, args.timeout)
-    out = args.out or re.sub(r"\.jsonl$", "", args.file) + ".verdicts.jsonl"
+    out = args.out or args.file.removesuffix(".jsonl") + ".verdicts.jsonl"
     with open(out, "w", encoding="utf-8") as f:
         for v in verdicts:
             f.write(json.dumps(asdict(v)) + "\n")

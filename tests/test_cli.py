@@ -38,7 +38,7 @@ def fails(main, argv, capsys):
     (["--model", "M", "--lr", "abc"], "argument --lr: must be a number > 0 (got 'abc')"),
     (["--stage", "rl", "--data", "gsm8k_train", "--max-steps", "2"], "--model is required with --stage"),
     (["--dry-run"], "--dry-run needs --model"),
-    (["--model", "M", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["--model", "M", "--device", "tpu"], "--device must be cpu, cuda or cuda:N (got 'tpu')"),
     (["--stage", "rl", "--model", "M", "--group-size", "1"], "--advantage grpo needs --group-size >= 2"),
 ])
 def test_train_flags(argv, message, capsys):
@@ -123,6 +123,9 @@ def test_eval_refuses_other_settings_and_bad_data(tiny_llama, tmp_path, capsys):
     assert code == 1 and len(err) == 1
     assert "--max-new-tokens 8 -> 16" in err[0] and "--prompt 'paper' -> 'boxed'" in err[0], err
     assert (out / "args.json").read_text() == saved  # nothing rewritten
+    code, err = fails(evaluation.main, [*base[:5], "3", *base[6:], "--dtype", "bfloat16"], capsys)  # more problems
+    assert code == 1 and err == [f"error: {out} holds samples drawn in float32; this run would sample in bfloat16 "
+                                 f"(--dtype bfloat16): pass --dtype float32 to resume it, or choose another --out"], err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     code, err = fails(evaluation.main, ["--model", tiny_llama, "--data", str(empty), "--out", str(tmp_path / "x")], capsys)
@@ -138,7 +141,7 @@ def test_eval_refuses_other_settings_and_bad_data(tiny_llama, tmp_path, capsys):
 @pytest.mark.parametrize("main,argv,message", [
     (bench.main, ["--batch", "0"], "argument --batch: must be an integer >= 1"),
     (bench.main, ["--measures", "speed"], "--measures takes sampling, prefill, train, rollout"),
-    (bench.main, ["--device", "tpu"], "--device tpu: expected cpu, or cuda"),
+    (bench.main, ["--device", "tpu"], "--device must be cpu, cuda or cuda:N (got 'tpu')"),
     (verifier.main, ["f.jsonl", "--timeout", "0"], "argument --timeout: must be a number > 0"),
     (verifier.main, ["f.jsonl", "--workers", "0"], "argument --workers: must be an integer >= 1"),
 ])
@@ -202,3 +205,148 @@ def test_ctrl_c_says_what_was_kept(tiny_llama, tmp_path):
     assert p.returncode == 130 and "Traceback" not in err
     assert last.startswith(f"interrupted: the last checkpoint is {run}{os.sep}step-0") and last.endswith(
         "rerun the same command with --resume to continue")
+
+
+def test_tiny_run_tries_a_flag_in_seconds(tmp_path):
+    """The README's "Change it" command: a 2-layer model and synthetic data, two RL steps with the flags
+    given, each step's line printed; nothing downloaded (RLSP_DATA_DIR unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "RLSP_DATA_DIR"}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--tiny", "--stage", "rl", "--advantage", "rloo",
+                        "--loss-agg", "seq-mean-token-mean", "--out", str(tmp_path / "t")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    steps = [line for line in (p.stdout + p.stderr).splitlines() if line.lstrip().startswith("step ")]
+    assert [s.split("|")[0].split()[1] for s in steps] == ["1", "2"], p.stdout
+    saved = json.load(open(tmp_path / "t" / "rl" / "args.json"))
+    assert saved["advantage"] == "rloo" and saved["loss_agg"] == "seq-mean-token-mean" and saved["max_steps"] == 2
+    assert os.path.isfile(tmp_path / "t" / "rl" / "final" / "model.safetensors")
+
+
+def test_tiny_refuses_a_model(capsys):
+    code, err = fails(train.main, ["--tiny", "--model", "M"], capsys)
+    assert code == 2 and len(err) == 1 and "--tiny builds its own model" in err[0], err
+
+
+# ----------------------------------------------------------------------------- a newcomer's first hour
+
+RL_RUN = ["--stage", "rl", "--data", "gsm8k", "--limit", "8", "--prompts-per-step", "2", "--group-size", "2",
+          "--max-new-tokens", "8", "--temperature", "1.0", "--lr", "1e-3", "--warmup-steps", "1", "--eval-every", "0",
+          "--save-every", "1"]
+
+
+def test_a_finished_run_is_extended_only_when_asked(tiny_llama, tmp_path, capsys):
+    """--max-steps 2 -> 3 on --resume: refused, saying why (the schedule) and what to do instead; with
+    --extend the run goes on, its learning rate at the floor its schedule ended on."""
+    base = ["--model", tiny_llama, *RL_RUN, "--out", str(tmp_path / "r")]
+    train.main([*base, "--max-steps", "2", "--min-lr-ratio", "0.25"])
+    capsys.readouterr()
+    code, err = fails(train.main, [*base, "--max-steps", "3", "--min-lr-ratio", "0.25", "--resume"], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert "--max-steps 2 -> 3: the learning-rate schedule" in err[0] and "add --extend" in err[0]
+    assert f"start a new run from {tmp_path / 'r' / 'final'} with another --out" in err[0]
+    code, err = fails(train.main, [*base, "--max-steps", "2", "--min-lr-ratio", "0.25", "--resume", "--extend"], capsys)
+    assert code == 1 and "--max-steps 2 must be more than the run's 2" in err[0]
+    code, err = fails(train.main, [*base, "--max-steps", "3", "--extend"], capsys)
+    assert code == 2 and "--extend continues a finished run: use it with --resume" in err[0]
+    train.main([*base, "--max-steps", "3", "--min-lr-ratio", "0.25", "--resume", "--extend"])
+    rows = train.read_metrics(str(tmp_path / "r" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["lr"] == pytest.approx(0.25e-3)
+    assert json.load(open(tmp_path / "r" / "args.json"))["schedule_steps"] == 2
+
+
+def test_eval_limit_grows_into_a_finished_folder(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "e"
+    base = ["--model", tiny_llama, "--data", "gsm8k", "--max-new-tokens", "8", "--batch-size", "3", "--out", str(out)]
+    evaluation.main([*base, "--limit", "4"])
+    first = {s["id"]: s for s in evaluation.read_samples(out)}
+    s = evaluation.main([*base, "--limit", "6"])
+    now = {s["id"]: s for s in evaluation.read_samples(out)}
+    assert len(now) == 6 and s["n_problems"] == 6 and all(now[k] == v for k, v in first.items())
+    alone = evaluation.main([*base[:-1], str(tmp_path / "fresh"), "--limit", "6"])  # greedy: as a fresh run
+    assert alone["accuracy"] == s["accuracy"] and alone["mean_length"] == s["mean_length"]
+    capsys.readouterr()
+    evaluation.main([*base, "--limit", "6"])
+    out_text = capsys.readouterr()
+    assert f"{out} is complete: all 6 problems x 1 samples were evaluated" in out_text.out
+    assert "it/s" not in out_text.err  # no progress bar over nothing
+    code, err = fails(evaluation.main, [*base, "--limit", "5"], capsys)
+    assert code == 1 and "--limit 6 -> 5" in err[0] and "a larger --limit adds problems" in err[0]
+
+
+def test_a_step_that_trained_nothing_says_why(tiny_llama, tmp_path):
+    """Every answer cut off at 2 tokens: all wrong, all truncated, each group's rewards equal: the step
+    line shows the equal groups and a warning says why nothing was learned; and a --max-steps shorter
+    than the warm-up is announced at the start."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", tiny_llama, *RL_RUN,
+                        "--max-new-tokens", "2", "--exploration", "none", "--max-steps", "1", "--warmup-steps", "20",
+                        "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("rl: ")  # no blank lines before the first
+    assert any("warning: --max-steps 1 ends before the --warmup-steps 20 do" in x for x in lines)
+    step = next(x for x in lines if x.startswith("step "))
+    assert "zero_variance_groups 2" in step and "grad_norm 0.0000" in step
+    assert any(x.startswith("warning: step 1 trained nothing: each group's rewards were all equal, so every "
+                            "advantage was 0: every response was cut off at --max-new-tokens") for x in lines), lines
+
+
+def test_errors_name_the_real_cause(tiny_llama, tmp_path, capsys):
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n')
+    for argv, message in (
+            (["--data", "gsm8k", "--data-dir", str(tmp_path / "dat")], f"error: --data-dir {tmp_path / 'dat'}: no such folder"),
+            (["--data", str(tmp_path / "missing.jsonl")], f"error: {tmp_path / 'missing.jsonl'}: no such file"),
+            (["--data", str(rows)], "no 'problem' field; the row has 'q', 'a'. Each row needs a problem and its "
+                                    "answer: name their fields with --problem-field and --answer-field")):
+        code, err = fails(train.main, ["--stage", "rl", "--model", tiny_llama, "--out", str(tmp_path / "o"), *argv], capsys)
+        assert code == 1 and len(err) == 1 and message in err[0], err
+    train.main(["--model", tiny_llama, *RL_RUN, "--data", str(rows), "--problem-field", "q", "--answer-field", "a",
+                "--max-steps", "1", "--out", str(tmp_path / "ok")])
+    capsys.readouterr()
+    code, err = fails(evaluation.main, ["--model", tiny_llama, "--data", str(rows), "--out", str(tmp_path / "e")], capsys)
+    assert code == 1 and "--problem-field and --answer-field" in err[0] and "skip_missing" not in err[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--stage", "rl", "--prompt-field", "q"], "--prompt-field is a flag of the SFT stage; --stage rl does not use it"),
+    (["--stage", "sft", "--group-size", "4"], "--group-size is a flag of the RL stage; --stage sft does not use it"),
+    (["--stage", "sft", "--problem-field", "q"], "--problem-field is a flag of the RL stage"),
+])
+def test_a_flag_of_the_other_stage_is_refused(tiny_llama, argv, message, capsys):
+    code, err = fails(train.main, ["--model", tiny_llama, *argv], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("main", [train.main, evaluation.main, bench.main, verifier.main])
+def test_help_shows_one_default_for_every_flag(main, capsys):
+    """Every flag's help ends with one "(default: ...)": its value, or what the help says it depends on."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):]
+    blocks, current = [], None
+    for line in options.splitlines():
+        if line.startswith("  -"):
+            current = [line]
+            blocks.append(current)
+        elif current is not None and line.startswith("      "):
+            current.append(line)
+        else:
+            current = None
+    flags = [b for b in blocks if not b[0].lstrip().startswith("-h, --help")]
+    assert len(flags) > 5
+    for b in flags:
+        assert " ".join(b).count("(default") == 1, b
+
+
+def test_the_run_figure_shows_what_the_run_has():
+    """Reward parts on panels of their own (the exploration term's scale would flatten the rest), and a
+    panel whose series are zero throughout is left out."""
+    rows = [{"step": s, "reward": 0.1 * s, "outcome": 0.2, "exploration": -11.0 + s, "reward_kl": 0.0, "overlong": 0.0,
+             "clip_frac": 0.0, "accuracy": 0.5, "loss": 1.0, "lr": 1e-5} for s in (1, 2, 3)]
+    panels = dict(train.panels_for(rows))
+    assert panels["reward and outcome"] == ["reward", "outcome"] and panels["exploration reward R_ex"] == ["exploration"]
+    assert "penalties" not in panels and "clip fraction" not in panels
+    rows[1]["reward_kl"], rows[2]["clip_frac"] = -0.01, 0.05
+    panels = dict(train.panels_for(rows))
+    assert panels["penalties"] == ["reward_kl"] and panels["clip fraction"] == ["clip_frac"]

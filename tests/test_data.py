@@ -43,17 +43,24 @@ def test_loader_errors(tmp_path):
         load_dataset(str(bad))
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n{"problem": "3+3", "answer": ""}\n')
-    with pytest.raises(ValueError, match=r"missing.jsonl:2: item has no answer"):
+    with pytest.raises(ValueError, match=r"missing.jsonl:2: no answer in field 'answer'; the row has 'problem' "
+                                         r"\(--answer-field names the answer's field\)"):
         load_dataset(str(missing))
     assert [r.answer for r in load_dataset(str(missing), skip_missing=True)] == ["2"]
     assert load_dataset.skipped == 2
     noprob = tmp_path / "noprob.jsonl"
     noprob.write_text('{"question": "1+1", "answer": "2"}\n')
-    with pytest.raises(ValueError, match=r"noprob.jsonl:1: missing field 'problem'"):
+    with pytest.raises(ValueError, match=r"noprob.jsonl:1: no 'problem' field; the row has 'question', 'answer'. "
+                                         r"Each row needs a problem and its answer: name their fields with "
+                                         r"--problem-field and --answer-field"):
         load_dataset(str(noprob))
     assert load_dataset(str(noprob), problem_field="question")[0].problem == "1+1"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl. is neither a dataset name"):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
         load_dataset(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match="'math5000' is neither a dataset name"):
+        load_dataset("math5000")
+    with pytest.raises(FileNotFoundError, match="--data-dir .*dat: no such folder"):
+        load_dataset("gsm8k", str(tmp_path / "dat"))
     arr = tmp_path / "arr.jsonl"
     arr.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"arr.jsonl:1: expected a JSON object"):

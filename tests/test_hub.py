@@ -165,3 +165,32 @@ def test_hub_errors_are_one_line(hub, tmp_path, model, offline, message):
     assert len(p.stderr.strip().splitlines()) == 1
     if offline:
         assert "HF_HUB_OFFLINE is set" in p.stderr and "hf download" in p.stderr
+
+
+def test_a_path_like_name_is_never_a_hub_id(hub, tmp_path, monkeypatch):
+    """A mistyped or unmounted local folder ("models/qwen" where ./models exists, "./qwen", "~/qwen") fails as
+    a missing folder and asks the hub for nothing, though "models/qwen" has a hub id's shape."""
+    import model as model_module
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    asked = []
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: asked.append(a) or str(tmp_path))
+    for name in ("models/qwen", "./qwen", "../qwen", "~/qwen", "/nowhere/qwen", "org/../qwen"):
+        assert model_module.local_folder(name) == name
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            Transformer.from_pretrained(name)
+    assert asked == []
+    assert model_module.local_folder("org/qwen") == str(tmp_path) and len(asked) == 1  # a real hub id still goes
+
+
+def test_shard_names_stay_inside_the_model_folder(tiny_llama, tmp_path):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama, folder)
+    (tmp_path / "evil.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    keys = list(Transformer.from_pretrained(str(folder)).state_dict())
+    for shard in ("../evil.safetensors", str(tmp_path / "evil.safetensors"), ".."):
+        json.dump({"weight_map": {k: shard for k in keys}}, open(folder / "model.safetensors.index.json", "w"))
+        with pytest.raises(ValueError, match="is not a file name in the model folder"):
+            Transformer.from_pretrained(str(folder))

@@ -248,7 +248,7 @@ def test_cpu_packed_linear_follows_weight_changes():
     x = torch.randn(3, 5, 96)
     with torch.no_grad():
         assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
-    assert Linear.packable and "_packed" in lin.__dict__  # the fast path ran, not the fallback
+    assert torch.float32 not in Linear.unpackable and "_packed" in lin.__dict__  # the fast path ran, not the fallback
     opt = torch.optim.SGD(lin.parameters(), lr=0.5)
     lin(x).square().sum().backward()  # with gradients: plain F.linear
     opt.step()
@@ -276,6 +276,68 @@ def test_greedy_matches_transformers_generate(smollm2):
             r = ref.generate(torch.tensor([p]), max_new_tokens=64, do_sample=False,
                              eos_token_id=tok.stop_token_ids, pad_token_id=tok.pad_token_id)
         assert c.tokens == r[0, len(p):].tolist()
+
+
+def test_cpu_packed_linear_in_bf16_equals_f_linear():
+    """bf16 weights (the CPU sampler where the CPU has bf16 units, model.sampling_dtype) take the packed path
+    too: bit-identical to F.linear in bf16 where this torch packs bf16, and F.linear where it cannot."""
+    torch.manual_seed(0)
+    lin = Linear(96, 40, bias=False).to(torch.bfloat16)
+    x = torch.randn(16, 96).bfloat16()
+    with torch.inference_mode():
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x, lin.weight)) or torch.allclose(y.float(), F.linear(x, lin.weight).float(), rtol=1e-2)
+    assert ("_packed" in lin.__dict__) != (torch.bfloat16 in Linear.unpackable)
+
+
+def test_bf16_greedy_tokens_follow_fp32_on_cpu(smollm2):
+    """The bf16 sampler on CPU (model.sampling_dtype picks it where the CPU has bf16 units): greedy, the first
+    32 tokens of each of 8 prompts equal fp32's up to the first near tie. Where a row parts, the test
+    recomputes that position in fp32 and asserts the two tokens were within 0.5 logit of each other there:
+    a rounding flip, not a broken bf16 path (which parts at confident tokens). SmolLM2's chatty answers meet
+    near ties often: on the Intel Xeon VM 5 of 8 rows part within 32 tokens (at tokens 1-26), each at an
+    fp32 margin below 0.15 logit. Rows that part are printed with the position and margin."""
+    tok = Tokenizer.from_pretrained(smollm2)
+    f32 = Transformer.from_pretrained(smollm2, device="cpu", dtype=torch.float32)
+    b16 = Transformer.from_pretrained(smollm2, device="cpu", dtype=torch.bfloat16)
+    questions = ["What is 2 + 2?", "Name a prime number larger than 10.", "Solve x + 3 = 7.",
+                 "What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 12?",
+                 "Explain gravity in one sentence.", "List three colors."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    a = generate(f32, prompts, 32, temperature=0)
+    b = generate(b16, prompts, 32, temperature=0)
+    parted = []
+    for p, x, y in zip(prompts, a, b):
+        i = next((i for i, (s, t) in enumerate(zip(x.tokens, y.tokens)) if s != t), None)
+        if i is None:
+            continue
+        with torch.no_grad():
+            logits = f32(torch.tensor([p + x.tokens[:i]]))[0, -1]
+        margin = (logits[x.tokens[i]] - logits[y.tokens[i]]).item()
+        parted.append((i, round(margin, 3)))
+        assert 0 <= margin < 0.5, (tok.decode(x.tokens[:i + 1]), tok.decode(y.tokens[:i + 1]), margin)
+    print(f"bf16 parts from fp32 in {len(parted)} of {len(prompts)} rows (token, fp32 margin): {parted}")
+
+
+def test_sampling_dtype_choice(tiny_llama, monkeypatch):
+    """bf16 on GPU; on CPU fp32 without bf16 units or for weights that fit the caches (no measurement, so
+    the choice cannot flip with timing noise); otherwise the measured choice, cached per width."""
+    import model as model_module
+    tiny = Config.from_pretrained(tiny_llama)
+    with open(os.path.join(tiny_llama, "config.json")) as f:
+        raw = json.load(f)
+    big = Config.from_dict({**raw, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+                            "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128})
+    assert model_module.sampling_dtype(big, "cuda") == torch.bfloat16
+    monkeypatch.setattr(model_module, "native_bf16", lambda: False)
+    assert model_module.sampling_dtype(big, "cpu") == torch.float32
+    monkeypatch.setattr(model_module, "native_bf16", lambda: True)
+    monkeypatch.setattr(model_module, "_sampling_dtypes", {})
+    assert model_module.sampling_dtype(tiny, "cpu") == torch.float32 and model_module._sampling_dtypes == {}
+    first = model_module.sampling_dtype(big, "cpu")
+    assert first in (torch.float32, torch.bfloat16) and list(model_module._sampling_dtypes.values()) == [first]
+    assert model_module.sampling_dtype(big, "cpu") == first
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "tiny_qwen3", "smollm2"])

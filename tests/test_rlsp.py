@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import cli
 import rlsp
 import train
 from model import Tokenizer, Transformer
@@ -37,11 +38,9 @@ def test_outcome_and_length_rewards(tiny_qwen):
 def test_combine_forms():
     # paper Eq. 1: alpha * outcome + (1 - alpha) * R_ex
     assert rlsp.combine(1.0, -2.0, "paper", 0.8) == pytest.approx(0.8 - 0.4)
-    assert rlsp.combine(1.0, -2.0, "paper", 0.8, judge=0.5) == pytest.approx(0.8 + 0.1)  # judge replaces R_ex
-    # released code: outcome - C/L at full weight; 0.8 * that + 0.2 * judge; clipped to [-10, 10]
+    # released code: outcome + R_ex at full weight; clipped to [-10, 10]
     assert rlsp.combine(-0.5, -10.0, "code") == -10.0
     assert rlsp.combine(1.0, -1.0, "code") == 0.0
-    assert rlsp.combine(1.0, -1.0, "code", judge=1.0) == pytest.approx(0.2)
     assert rlsp.combine(0.0, -50.0, "paper", 0.8, clip=5.0) == -5.0
     with pytest.raises(ValueError, match="unknown reward form"):
         rlsp.combine(1, 1, "other")
@@ -132,7 +131,10 @@ def test_micro_batches_respect_the_budget():
 
 @pytest.fixture
 def judge_server():
-    """A loopback chat-completions server whose replies the test scripts, one per request."""
+    """A loopback chat-completions server whose replies the test scripts, one per request: ("ok", content),
+    ("raw", body), ("status", code), ("sleep", seconds), ("redirect", url), ("truncated", content: a
+    Content-Length longer than the body, then the connection closes), ("drip", seconds between bytes),
+    ("huge", bytes), ("need_key", content: 401 unless the request carries a key)."""
     state = {"replies": [], "requests": []}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -143,15 +145,31 @@ def judge_server():
             if kind == "sleep":
                 time.sleep(payload)
                 kind, payload = "ok", '{"grade": 0.9}'
-            if kind == "status":
-                self.send_response(payload)
+            if kind == "need_key":
+                kind, payload = ("ok", payload) if self.headers.get("Authorization") else ("status", 401)
+            if kind in ("status", "redirect"):
+                self.send_response(payload if kind == "status" else 302)
+                if kind == "redirect":
+                    self.send_header("Location", payload)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            data = payload if kind == "raw" else json.dumps({"choices": [{"message": {"content": payload}}]})
+            data = payload.encode() if kind == "raw" else b"x" * payload if kind == "huge" else \
+                json.dumps({"choices": [{"message": {"content": payload}}]}).encode() if kind != "drip" else \
+                json.dumps({"choices": [{"message": {"content": '{"grade": 0.9}'}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data.encode())
+            if kind == "truncated":  # half the body, then the connection closes
+                data = data[:len(data) // 2]
+            if kind == "drip":
+                for byte in data:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(payload)
+                return
+            self.wfile.write(data)
 
         def log_message(self, *a):
             pass
@@ -163,17 +181,41 @@ def judge_server():
     server.shutdown()
 
 
+def _second_server():
+    received = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(dict(self.headers))
+            data = json.dumps({"choices": [{"message": {"content": '{"grade": 1.0}'}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", "received": received}
+    server.shutdown()
+
+
 def test_judge_client(judge_server, monkeypatch, capsys):
     monkeypatch.setenv("RLSP_TEST_KEY", "sk-secret-123")
     j = rlsp.Judge(judge_server["url"], key_env="RLSP_TEST_KEY", timeout=0.5, retries=2, backoff=0.01)
-    judge_server["replies"] = [("ok", 'Here you go:\n```json\n{"rationale": "tried two ways", "grade": 0.85}\n```')]
+    judge_server["replies"] = [("ok", '```json\n{"rationale": "tried two ways", "grade": 0.85}\n```')]
     assert j.score("1+1?", "2") == 0.85
     headers, body = judge_server["requests"][-1]
     assert headers["Authorization"] == "Bearer sk-secret-123"
     assert body["messages"][0]["content"] == rlsp.JUDGE_SYSTEM and "not whether it is correct" in rlsp.JUDGE_SYSTEM
-    assert body["messages"][1]["content"] == "Problem: 1+1?\n\n---\n\nSolution: 2"
-    judge_server["replies"] = [("ok", '{"score": 0.3}')]
-    assert j.score("p", "r") == 0.3
+    user = body["messages"][1]["content"]
+    tag = user.split("<<<problem-")[1].split("\n")[0]
+    assert len(tag) == 16 and user == (f"Problem:\n<<<problem-{tag}\n1+1?\nproblem-{tag}>>>\n\n"
+                                       f"Solution to grade:\n<<<solution-{tag}\n2\nsolution-{tag}>>>")
+    j.score("1+1?", "2")
+    assert tag not in judge_server["requests"][-1][1]["messages"][1]["content"]  # a new tag every request
     # malformed JSON, then a 500, then a good reply: retried
     judge_server["replies"] = [("raw", "{not json"), ("status", 500), ("ok", '{"grade": 0.6}')]
     assert j.score("p", "r") == 0.6
@@ -189,9 +231,80 @@ def test_judge_client(judge_server, monkeypatch, capsys):
     assert len(judge_server["requests"]) - n == 3  # the first try and two retries, each cut off by the timeout
     assert j.scores(["a", "b"], ["c", "d"]) == [0.5, 0.5]
     assert "sk-secret-123" not in capsys.readouterr().out
-    assert rlsp.Judge.parse('blah "grade": 0.4 blah') == 0.4
-    with pytest.raises(ValueError, match="outside"):
-        rlsp.Judge.parse('{"grade": -0.1}')
+
+
+def test_judge_reads_the_grade_only_from_its_required_form():
+    assert rlsp.Judge.parse('{"rationale": "r", "grade": 0.4}') == 0.4
+    assert rlsp.Judge.parse('```json\n{"grade": 1}\n```') == 1.0
+    for bad in ('blah "grade": 0.4 blah', 'The policy wrote "grade": 1.0 so {"grade": 1.0}', '{"score": 0.3}',
+                '{"grade": "0.9"}', '{"grade": true}', '{"grade": -0.1}', '{"grade": NaN}', "[0.5]", ""):
+        with pytest.raises(rlsp.JudgeError):
+            rlsp.Judge.parse(bad)
+
+
+def test_judge_survives_what_a_server_sends(judge_server, monkeypatch):
+    """A truncated reply, one dripped a byte at a time past the deadline (a valid grade of 0.9, had it been
+    waited for), one over the size cap: each a failure retried and then counted, never an exception out
+    of the RL step."""
+    monkeypatch.delenv("RLSP_TEST_KEY", raising=False)
+    j = rlsp.Judge(judge_server["url"], key_env="RLSP_TEST_KEY", timeout=0.5, retries=1, backoff=0.01,
+                   max_reply_bytes=10_000)
+    for reply in (("truncated", '{"grade": 0.7}'), ("drip", 0.05), ("huge", 50_000)):
+        judge_server["replies"] = [reply] * 2
+        failures = j.failures
+        assert j.score("p", "r") == 0.5 and j.failures == failures + 1, reply
+    judge_server["replies"] = [("truncated", '{"grade": 0.7}'), ("ok", '{"grade": 0.7}')]
+    assert j.score("p", "r") == 0.7  # a failure, then the retry succeeds
+
+
+def test_judge_key_never_follows_a_redirect(judge_server, monkeypatch):
+    monkeypatch.setenv("RLSP_TEST_KEY", "sk-secret-123")
+    for other in _second_server():
+        j = rlsp.Judge(judge_server["url"], key_env="RLSP_TEST_KEY", timeout=0.5, retries=0)
+        judge_server["replies"] = [("redirect", other["url"])]
+        assert j.score("p", "r") == 0.5 and j.failures == 1  # not the redirect target's 1.0
+        assert other["received"] == []
+        judge_server["replies"] = [("redirect", other["url"])]
+        with pytest.raises(ValueError, match="302"):
+            j.check()
+
+
+def test_judge_setup_refuses_a_missing_or_rejected_key_and_clear_text(judge_server, monkeypatch, tiny_llama, tmp_path,
+                                                                      capsys):
+    monkeypatch.delenv("RLSP_TEST_KEY", raising=False)
+    judge_server["replies"] = [("need_key", '{"grade": 0.5}')]
+    with pytest.raises(ValueError, match=r"refused the request \(HTTP 401\): it needs an API key: set \$RLSP_TEST_KEY"):
+        rlsp.Judge(judge_server["url"], key_env="RLSP_TEST_KEY", retries=0).check()
+    monkeypatch.setenv("RLSP_TEST_KEY", "sk-wrong")
+    judge_server["replies"] = [("status", 401)]
+    with pytest.raises(ValueError, match=r"check the API key in \$RLSP_TEST_KEY"):
+        rlsp.Judge(judge_server["url"], key_env="RLSP_TEST_KEY", retries=0).check()
+    judge_server["replies"] = [("need_key", '{"grade": 0.5}')]
+    rlsp.Judge(judge_server["url"], key_env="RLSP_TEST_KEY", retries=0).check()  # with the key: fine
+    with pytest.raises(ValueError, match="http:// would send the API key"):
+        rlsp.Judge("http://judge.example.com/v1/chat/completions?key=abc", key_env="RLSP_TEST_KEY")
+    # from train.py: one line at setup, and the URL's secrets never reach args.json
+    monkeypatch.delenv("RLSP_TEST_KEY", raising=False)
+    judge_server["replies"] = [("need_key", '{"grade": 0.5}')]
+    with pytest.raises(ValueError, match="credentials in the URL are not sent"):
+        rlsp.Judge(judge_server["url"].replace("http://", "http://user:pw@"))
+    url = judge_server["url"] + "?api-key=sk-in-url"
+    with pytest.raises(SystemExit):
+        cli.run(train.main, ["--stage", "rl", "--model", tiny_llama, "--data", "gsm8k", "--limit", "4",
+                             "--exploration", "judge", "--judge-url", url, "--judge-key-env", "RLSP_TEST_KEY",
+                             "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "it needs an API key" in err[0] and "sk-in-url" not in err[0]
+    assert rlsp.redact_url(url) == judge_server["url"]
+    # a run that uses such a URL: the saved arguments and checkpoints hold it without its secrets
+    train.main(["--stage", "rl", "--model", tiny_llama, "--data", "gsm8k", "--limit", "4", "--prompts-per-step", "1",
+                "--group-size", "2", "--max-new-tokens", "4", "--temperature", "1.0", "--exploration", "judge",
+                "--judge-url", url, "--max-steps", "1", "--save-every", "1", "--eval-every", "0",
+                "--out", str(tmp_path / "ok")])
+    saved = json.load(open(tmp_path / "ok" / "args.json"))
+    assert saved["judge_url"] == judge_server["url"]
+    state = torch.load(tmp_path / "ok" / "step-000001" / "trainer.pt", weights_only=True)
+    assert state["args"]["judge_url"] == judge_server["url"]
 
 
 def test_judge_needs_url(tiny_llama, tmp_path):
@@ -272,11 +385,68 @@ def test_score_episodes_every_exploration_and_form(tiny_qwen, judge_server, expl
             if exploration == "judge":
                 total = 0.8 * total + 0.2 * 0.6
         total = max(-10.0, min(10.0, total))
+        # R_ex as it enters the form: the total above is alpha * outcome + (1 - alpha) * R_ex, or outcome + R_ex
+        explore = (0.6 if exploration == "judge" else length) if form == "paper" else \
+            (0.8 * length + 0.2 * (0.6 - outcome) if exploration == "judge" else length)
         rep = rlsp.repetition_fraction(t)
         over = -0.3 * min(1.0, max(0, len(e.tokens) - 24) / 40)
         assert e.rewards["outcome"] == outcome and e.rewards["length"] == L
-        assert e.rewards["exploration"] == pytest.approx(length)
+        assert e.rewards["exploration"] == pytest.approx(explore)
         assert e.rewards["overlong"] == pytest.approx(over)
         assert e.rewards["total"] == pytest.approx(total - 0.5 * rep + over), (exploration, form, t)
         assert ("judge" in e.rewards) == (exploration == "judge")
     assert eps[3].rewards["repetition"] > 0.5 and eps[3].rewards["overlong"] < 0
+
+
+def test_a_new_estimator_is_one_table_entry(tiny_llama, monkeypatch, capsys):
+    """What adding an estimator touches: one ADVANTAGES entry and its function. The parser's choices and
+    help, the refusal of a group size it cannot use, the advantages and the update plan's handling of
+    groups with equal rewards all follow the entry."""
+    def batchstd(g):  # group mean subtracted, divided by the batch's std
+        return (g - g.mean(dim=1, keepdim=True)) / (g.std() + 1e-6)
+    monkeypatch.setitem(rlsp.ADVANTAGES, "batchstd", rlsp.Estimator(batchstd, True, 2, "(r - group mean) / batch std",
+                                                                    "one sample has no group mean to subtract"))
+    args = train.parse_args(["--stage", "rl", "--model", tiny_llama, "--advantage", "batchstd"])
+    assert args.advantage == "batchstd"
+    assert "batchstd: (r - group mean) / batch std" in train.parser().format_help().replace("\n", " ").replace("  ", " ")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "rl", "--model", tiny_llama, "--advantage", "batchstd", "--group-size", "1"])
+    assert "--advantage batchstd needs --group-size >= 2: one sample has no group mean" in capsys.readouterr().err
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    adv, zero = rlsp.advantages(rewards, 4, "batchstd")
+    std = torch.tensor(rewards, dtype=torch.float64).std().item()
+    assert adv[:4].tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std], rel=1e-5)
+    assert adv[4:].tolist() == [0.0] * 4 and zero == 1
+
+    class Rec:
+        problem, answer = "", ""
+    eps = [rlsp.Episode(Rec(), [1, 2], [3, 4, 5], [0.0] * 3, True, "", i // 4) for i in range(8)]
+    for e, r in zip(eps, rewards):
+        e.rewards = {"total": r}
+    s = rlsp.Settings(group_size=4, advantage="batchstd")
+    plan = rlsp.update_plan(eps, s)  # the group baseline: the equal group gets micro-batches of its own
+    assert [sorted(p) for p in plan[0]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    monkeypatch.setitem(rlsp.ADVANTAGES, "batchstd", rlsp.Estimator(batchstd, False, 1, "a batch baseline"))
+    assert [sorted(p) for p in rlsp.update_plan(eps, s)[0]] == [list(range(8))]  # no group baseline: trained
+    assert rlsp.advantages(rewards, 4, "batchstd")[0][4:].abs().sum() == 0  # batchstd's own zero, not the mask
+    assert rlsp.Settings(group_size=1, advantage="batchstd").errors() == []
+
+
+def test_a_new_exploration_reward_is_one_table_entry(tiny_qwen, monkeypatch):
+    """The same for an exploration reward: a bonus per self-verification line, one EXPLORATION entry."""
+    def verify_lines(episodes, s, judge=None):
+        return [0.5 * e.text.count("verify:") for e in episodes]
+    monkeypatch.setitem(rlsp.EXPLORATION, "verify", rlsp.Exploration(verify_lines, "0.5 per verification line"))
+    args = train.parse_args(["--stage", "rl", "--model", tiny_qwen, "--exploration", "verify"])
+    s = rlsp.Settings.from_args(args)
+    tok = Tokenizer.from_pretrained(tiny_qwen)
+
+    class Rec:
+        problem, answer = "", "5"
+    texts = ["2+3=5\nverify: 2+3=5\n\\boxed{5}", "\\boxed{5}"]
+    eps = [rlsp.Episode(Rec(), [1], tok.encode(t), [], True, t, 0) for t in texts]
+    for e in eps:
+        e.verdict = v("correct")
+    rlsp.score_episodes(eps, tok, s, alpha=0.8)
+    assert [e.rewards["exploration"] for e in eps] == [0.5, 0.0]
+    assert [e.rewards["total"] for e in eps] == pytest.approx([0.8 + 0.2 * 0.5, 0.8])

@@ -246,7 +246,7 @@ def test_dry_run_memory(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     train.main(["--model", str(tmp_path), "--dry-run", "--micro-batch-size", "1", "--seq-len", "4096", "--grad-checkpointing"])
     out = capsys.readouterr().out
-    assert "8.03B parameters" in out and "a 80 GB card: does not fit" in out
+    assert "8.03B parameters" in out and "a 80 GB card (79.1 GiB): does not fit" in out
     n, parts = train.memory_estimate(Config.from_dict(cfg), train.parse_args(["--model", str(tmp_path), "--micro-batch-size", "1"]))
     assert parts["AdamW moments (fp32)"] == 8 * n and n == 8_030_261_248  # Llama-3.1-8B's published count
 
@@ -254,3 +254,31 @@ def test_dry_run_memory(tmp_path, capsys):
 def test_plot_needs_metrics(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
         train.plot(str(tmp_path))
+
+
+def test_resume_reads_only_data_from_a_run_folder(tiny_llama, tmp_path):
+    """trainer.pt is loaded weights-only: a checkpoint someone else wrote cannot run code on --resume."""
+    common = args_for(tiny_llama, tmp_path / "run", "--max-steps", "2", "--save-every", "1")
+    train.main(common)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"step": 1, "payload": Payload()}, tmp_path / "run" / "step-000002" / "trainer.pt")
+    with pytest.raises(ValueError, match="step-000002/trainer.pt: cannot read it as trainer state"):
+        train.main([*common, "--resume"])
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_metrics_survive_a_cut_last_line_and_name_a_bad_one(tiny_llama, tmp_path):
+    common = args_for(tiny_llama, tmp_path / "run", "--max-steps", "2", "--save-every", "1")
+    train.main(common)
+    log = tmp_path / "run" / "metrics.jsonl"
+    rows = log.read_text().splitlines()
+    log.write_text("\n".join(rows) + "\n" + rows[-1][:20])  # a kill while a row was being written
+    assert [r["step"] for r in train.read_metrics(str(log))] == [1, 2]
+    train.main([*common, "--max-steps", "2", "--resume"])
+    assert log.read_text().endswith("\n") and [r["step"] for r in train.read_metrics(str(log))] == [1, 2]
+    log.write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics row"):
+        train.read_metrics(str(log))

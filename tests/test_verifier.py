@@ -1,6 +1,7 @@
 """verifier.py: equivalence tables, extraction, real datasets, adversarial inputs, throughput, CLI."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -156,6 +157,8 @@ EQUIV = [
     ("units2", "10 \\text{ square units}", "10", True), ("units2", "5 \\textnormal{ inches per second}", "5", True),
     ("units2", "12\\textbf{ cm}", "12", True), ("units2", "3 \\mbox{ square feet}", "3", True),
     ("units2", "10 \\text{ square units}", "100", False), ("units2", "5 \\textnormal{ inches per second}", "6", False),
+    ("units2", "12 sq ft", "12", True), ("units2", "12 sq. ft", "12", True), ("units2", "8 sq units", "8", True),
+    ("units2", "6 \\text{ sq in}", "6", True), ("units2", "8 sq units", "9", False), ("units2", "6 \\text{ sq in}", "7", False),
     ("relation", "x \\geq 2", "x\\ge 2", True), ("relation", "x \\lt 1", "x<1", True), ("relation", "x <= 1", "x \\le 1", True),
     ("relation", "x != 1", "x \\neq 1", True), ("relation", "-x > -1", "x<1", True), ("relation", "3 \\neq x", "x\\ne 3", True),
     ("relation", "-x < -1", "x<1", False), ("relation", "x \\gt 1", "x<1", False), ("relation", "x <= 1", "x<1", False),
@@ -213,6 +216,8 @@ EXTRACT = [
     ("The final answer is $\\frac{3}{4}$. I hope", "lenient", "\\frac{3}{4}"),
     ("Answer: 17", "lenient", "17"),
     ("step\n#### 1,234", "gsm8k", "1,234"),
+    ("step\n####   42   \nmore", "gsm8k", "42"),
+    ("Answer:   \n\n 17  \n", "lenient", "17"),
     ("there are 5 apples and 6 pears", "gsm8k", "6"),
     ("\\boxed{}", "last_boxed", None),
     ("\\boxed{unbalanced", "last_boxed", None),
@@ -397,3 +402,93 @@ def test_no_torch_import():
     out = subprocess.run([sys.executable, "-c", "import sys, verifier; print('torch' in sys.modules)"],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "False"
+
+
+def test_workers_never_import_from_the_working_directory(tmp_path, monkeypatch):
+    """Issue 24: workers ran `python -c "import verifier"`, so a verifier.py, sympy.py or json.py in the
+    working directory ran inside them. Now they start with python -I and the project folder on their path;
+    a fresh Pool started from such a directory grades as usual."""
+    for name in ("verifier", "sympy", "json"):
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('{name}.py of the working directory ran')\n")
+    monkeypatch.chdir(tmp_path)
+    pool = verifier.Pool(workers=1, timeout=10.0)
+    try:
+        out = pool.map([("so \\boxed{\\frac{1}{2}}", "0.5", "last_boxed")])
+    finally:
+        pool.close()
+    assert out == [{"correct": True, "answer": "\\frac{1}{2}", "status": "correct", "reason": ""}]
+
+
+def test_default_workers_share_this_process_cpus_among_local_ranks(monkeypatch, tmp_path):
+    """Issue 24: each torchrun rank started os.cpu_count() workers. Now: the CPUs of the affinity mask,
+    capped by the cgroup v2 quota, divided among LOCAL_WORLD_SIZE ranks, at least one."""
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(verifier, "CGROUP_CPU_MAX", str(quota))
+    for text, ranks, want in [(None, None, 16), ("max 100000\n", None, 16), ("400000 100000\n", None, 4),
+                              ("150000 100000\n", None, 1), ("50000 100000\n", None, 1), ("unreadable", None, 16),
+                              (None, "8", 2), (None, "32", 1), ("800000 100000\n", "4", 2)]:
+        if text is None:
+            quota.unlink(missing_ok=True)
+        else:
+            quota.write_text(text)
+        if ranks is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert verifier.default_workers() == want, (text, ranks)
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS: no affinity mask, the CPU count
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert verifier.default_workers() == 1  # 6 CPUs (under the quota of 8) among 4 ranks
+
+
+def test_workers_run_under_memory_and_cpu_limits():
+    """Each worker maps at most WORKER_MEMORY, writes no core file, and may use ceil(timeout) + 1 s of CPU
+    per job: a limit moved before each job, since RLIMIT_CPU counts the worker's whole life (a fixed one
+    would end a long-lived worker once its jobs added up to it)."""
+    import resource
+    pool = verifier.Pool(workers=1, timeout=10.0, fn=resource.getrlimit)
+    try:
+        (memory, _), (core, _), (cpu, _) = pool.map([(resource.RLIMIT_AS,), (resource.RLIMIT_CORE,),
+                                                     (resource.RLIMIT_CPU,)])
+        t0 = time.thread_time()
+        sum(range(10**6))
+        n = int(10**6 * 1.5 / (time.thread_time() - t0))  # ~1.5 s of CPU time
+        pool.fn = sum
+        assert pool.map([(range(n),)]) == [n * (n - 1) // 2]
+        pool.fn = resource.getrlimit
+        [(cpu_later, _)] = pool.map([(resource.RLIMIT_CPU,)])
+    finally:
+        pool.close()
+    assert memory == verifier.WORKER_MEMORY and core == 0
+    assert 11 <= cpu < cpu_later  # the CPU time used so far, plus 11 s
+
+
+def test_a_runaway_worker_ends_at_its_cpu_limit():
+    """The caller's timeout ends a stuck job; when the caller is gone (killed), the worker's CPU limit does.
+    The job is sent past Pool.map here, so nothing else stops it; the dead worker is then replaced."""
+    pool = verifier.Pool(workers=1, timeout=0.5, fn=sum)
+    try:
+        proc, (to_worker, _) = pool.procs[0]
+        to_worker.send((sum, (range(10**15),)))  # hours of CPU time, without the limit
+        assert proc.wait(timeout=300) == -signal.SIGXCPU  # after ceil(0.5) + 1 = 2 s of it
+        assert pool.map([(range(4),)]) == [6]
+    finally:
+        pool.close()
+
+
+def test_a_worker_that_dies_is_replaced():
+    """A worker killed mid-job (as the kernel kills one at its limits) gives that job a Timeout and is
+    replaced; one killed between jobs is replaced before the next: verdicts go on."""
+    pool = verifier.Pool(workers=1, timeout=10.0, fn=os.kill)
+    try:
+        pid = pool.procs[0][0].pid
+        out = pool.map([(pid, signal.SIGKILL), (os.getpid(), 0)])  # the worker kills itself; then a no-op
+        assert isinstance(out[0], verifier.Timeout) and out[0].why == "worker died" and out[1] is None
+        assert pool.procs[0][0].pid != pid
+    finally:
+        pool.close()
+    proc = verifier._pool(1, 1.0).procs[0][0]  # the pool grade() uses
+    proc.kill()
+    proc.wait()
+    assert grade("so \\boxed{4}", "4").correct
