@@ -291,6 +291,29 @@ def test_cpu_packed_linear_in_bf16_equals_f_linear():
     assert ("_packed" in lin.__dict__) != (torch.bfloat16 in Linear.unpackable)
 
 
+def test_sample_token_draws_the_softmax_distribution():
+    """The sampler's draw (inverse CDF, one uniform per row): 200k rows of the same 6 logits, temperature 0.7,
+    empirical frequencies within 4 standard errors of softmax(logits / 0.7); top-k and top-p never draw a
+    token they remove and renormalise over the rest; the reported log-prob is the untruncated one."""
+    from model import sample_token
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]).repeat(200_000, 1)
+    g = torch.Generator().manual_seed(0)
+    p = (logits[0] / 0.7).softmax(-1)
+    tok, lp = sample_token(logits, 0.7, 1.0, 0, g)
+    freq = torch.bincount(tok, minlength=6).double() / len(tok)
+    se = (p * (1 - p) / len(tok)).sqrt()
+    assert ((freq - p).abs() <= 4 * se + 1e-9).all(), (freq, p)
+    assert torch.allclose(lp, p.log()[tok])
+    tok, lp = sample_token(logits, 0.7, 1.0, 2, g)  # top-k 2: the first two only, renormalised
+    freq = torch.bincount(tok, minlength=6).double() / len(tok)
+    assert freq[2:].sum() == 0 and abs(freq[0] - p[0] / p[:2].sum()) < 4e-3
+    assert torch.allclose(lp, p.log()[tok])
+    tok, _ = sample_token(logits, 0.7, 0.8, 0, g)  # top-p 0.8: the smallest prefix holding 80% of the mass
+    keep = int((p.cumsum(-1) - p < 0.8).sum())
+    freq = torch.bincount(tok, minlength=6).double() / len(tok)
+    assert freq[keep:].sum() == 0 and (freq[:keep] > 0).all()
+
+
 def test_bf16_greedy_tokens_follow_fp32_on_cpu(smollm2):
     """The bf16 sampler on CPU (model.sampling_dtype picks it where the CPU has bf16 units): greedy, the first
     32 tokens of each of 8 prompts equal fp32's up to the first near tie. Where a row parts, the test

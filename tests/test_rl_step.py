@@ -176,6 +176,8 @@ def test_logprob_gap_is_measured_before_any_update(tiny_llama):
     run = make_run(tiny_llama)
     s = rlsp.Settings(group_size=4, max_new_tokens=16, temperature=1.0, minibatches=2)
     eps = episodes_for(run, s)
+    for i, e in enumerate(eps):  # rewards that differ within every group, whatever was drawn: every group trains
+        e.rewards["total"] = float(i % 2)
     plan = rlsp.update_plan(eps, s)
     old = rlsp.policy_logprobs(run, eps, plan, s)
     want = sum((o - torch.tensor(e.logprobs)).abs().sum().item() for o, e in zip(old, eps)) / sum(len(e.tokens) for e in eps)
