@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from fsdp import on_device
 from model import Linear, Transformer
 
 
@@ -92,9 +93,7 @@ def gather_into(copy, model, tp_mesh):
     with torch.no_grad():
         for name, c in copy.named_parameters():
             p = source[name]
-            if isinstance(p, DTensor) and p.device != c.device:  # an offloaded shard (--offload): gather on the GPU
-                p = p.to(c.device)
-            full = p.full_tensor() if isinstance(p, DTensor) else p
+            full = on_device(p, c.device).full_tensor() if isinstance(p, DTensor) else p  # --offload: gather on the GPU
             if isinstance(c, DTensor):  # split along its placement's dimension, evenly (checked by `problems`)
                 c.to_local().copy_(full.chunk(tp, dim=c.placements[0].dim)[rank])
             elif ".k_proj." in name or ".v_proj." in name:
