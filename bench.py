@@ -14,6 +14,8 @@ bf16 on GPU), and each side is reported as a share of the memory-bandwidth limit
 least read every weight and the KV cache written so far once, against a measured copy's bytes/s (a GPU
 card's spec where known).
 """
+import argparse
+import functools
 import json
 import os
 import tempfile
@@ -21,7 +23,7 @@ import time
 
 import torch
 
-from model import Config, Tokenizer, Transformer, generate, native_bf16, sampling_dtype
+from model import COMPILE_STATS, Config, Tokenizer, Transformer, generate, native_bf16, sampling_dtype
 
 # Real Qwen2.5 shapes (their config.json, minus the vocabulary files), for random-weight GPU runs.
 QWEN_SHAPES = {
@@ -111,14 +113,17 @@ def step_bytes(model, prompts, new_tokens):
 
 
 def bench_sampling(args, ours, ref, prompts, device):
-    """New tokens/s of both samplers: a short warm-up, then `--repeats` runs interleaved (ours, theirs,
-    ours, ...) so background noise hits both alike; each side's best run is reported."""
+    """New tokens/s of rlsp's sampler (eager, and compiled unless --no-compile) and transformers': a short
+    warm-up (where the compiled step compiles: its compile time is printed, not counted), then `--repeats`
+    runs interleaved (rlsp, transformers, rlsp compiled, rlsp, ...) so background noise hits all alike;
+    each side's best run is reported, as {side: tokens/s}. A compiled run's CUDA graphs are captured
+    during the run (each generate call captures its own), so their cost is counted."""
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
 
-    def run_ours(n):
-        outs = generate(ours, prompts, n, temperature=0)
+    def run_ours(n, compiled=False):
+        outs = generate(ours, prompts, n, temperature=0, compiled=compiled)
         assert all(len(c.tokens) == n for c in outs)
 
     def run_ref(n):
@@ -127,18 +132,30 @@ def bench_sampling(args, ours, ref, prompts, device):
                                pad_token_id=0)
         assert out.shape[1] == P + n
 
-    run_ours(2), run_ref(2)
+    sides = {"rlsp": run_ours, "transformers": run_ref}
+    if args.compile:
+        sides["rlsp compiled"] = functools.partial(run_ours, compiled=True)
+    compile_s, compiles = COMPILE_STATS["seconds"], COMPILE_STATS["compiles"]
+    for fn in sides.values():
+        fn(2)
+    if args.compile:
+        print(f"compiled decode step: {COMPILE_STATS['compiles'] - compiles} compile(s), "
+              f"{COMPILE_STATS['seconds'] - compile_s:.1f} s (in the warm-up, not timed)")
+        compiles = COMPILE_STATS["compiles"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = [float("inf"), float("inf")]
+    best = dict.fromkeys(sides, float("inf"))
     for _ in range(args.repeats):
-        for i, fn in enumerate((run_ours, run_ref)):
+        for side, fn in sides.items():
             sync()
             t0 = time.perf_counter()
             fn(args.new_tokens)
             sync()
-            best[i] = min(best[i], time.perf_counter() - t0)
+            best[side] = min(best[side], time.perf_counter() - t0)
+    if args.compile and COMPILE_STATS["compiles"] != compiles:
+        print(f"warning: the compiled step compiled {COMPILE_STATS['compiles'] - compiles} more time(s) during the "
+              f"timed runs (their time is counted)")
     n_new = args.batch * args.new_tokens
-    return n_new / best[0], n_new / best[1]
+    return {side: n_new / t for side, t in best.items()}
 
 
 def bench_group_rollout(args, ours, prompts, device):
@@ -475,11 +492,15 @@ def run(args, path, label, device, dtype):
             lengths = sorted(len(p) for p in prompts)
             print(f"{label}, {name}: {len(prompts)} of {lengths[0]}-{lengths[-1]} tokens "
                   f"(median {lengths[len(lengths) // 2]})")
-            a, b = bench_sampling(args, ours, ref, prompts, device)
-            rows.append((f"sampling, {name}, new tokens/s", a, b))
+            speed = bench_sampling(args, ours, ref, prompts, device)
+            b = speed["transformers"]
+            rows.append((f"sampling, {name}, new tokens/s", speed["rlsp"], b))
+            if "rlsp compiled" in speed:
+                rows.append((f"sampling, {name}, rlsp compiled", speed["rlsp compiled"], b))
             per_step = step_bytes(ours, prompts, args.new_tokens)  # one step makes `batch` tokens
-            shares.append((name, f"{lengths[0]}-{lengths[-1]}", per_step, *(x / args.batch * per_step / bandwidth
-                                                                             for x in (a, b))))
+            shares.append((name, f"{lengths[0]}-{lengths[-1]}", per_step,
+                           *(speed.get(k, float("nan")) / args.batch * per_step / bandwidth
+                             for k in ("rlsp", "rlsp compiled", "transformers"))))
     if "prefill" in measures:
         rows.append((f"prefill, tokens/s ({args.prefill_batch} x {args.prefill_len})",
                      *bench_prefill(args, ours, ref, device)))
@@ -496,10 +517,11 @@ def run(args, path, label, device, dtype):
     if shares:
         print(f"\nshare of the memory-bandwidth limit ({args.bandwidth / 1e9:.1f} GB/s {args.bandwidth_source}): bytes a "
               f"decode step must read (weights + mean KV cache) x steps/s")
-        print(f"| {'prompts':<18} | {'tokens':>9} | {'MB/step':>8} | {'rlsp':>6} | {'transformers':>12} |")
-        print(f"|{'-' * 20}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
-        for name, span, per_step, a, b in shares:
-            print(f"| {name:<18} | {span:>9} | {per_step / 1e6:8.1f} | {a:6.1%} | {b:12.1%} |")
+        print(f"| {'prompts':<18} | {'tokens':>9} | {'MB/step':>8} | {'rlsp':>6} | {'rlsp compiled':>13} | "
+              f"{'transformers':>12} |")
+        print(f"|{'-' * 20}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 15}|{'-' * 14}|")
+        for name, span, per_step, a, c, b in shares:
+            print(f"| {name:<18} | {span:>9} | {per_step / 1e6:8.1f} | {a:6.1%} | {c:13.1%} | {b:12.1%} |")
     if "rollout" in measures:
         a, b = bench_group_rollout(args, ours, prompts_for(args, ours.config.vocab_size), device)
         name = f"rollout, new tokens/s ({args.group_prompts} prompts x G={args.group_size} x {args.new_tokens})"
@@ -528,6 +550,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=positive, default=None, help="new tokens per prompt (default: 128 on CPU, "
                    "512 on GPU)")
     p.add_argument("--max-prompt", type=positive, default=4096, help="prompts are cut to this many tokens")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time rlsp's compiled decode step (torch.compile; CUDA graphs on GPU)")
     p.add_argument("--repeats", type=positive, default=3, help="timed sampling runs per implementation (best is kept)")
     p.add_argument("--prefill-batch", type=positive, default=4, help="prefill measure: prompts")
     p.add_argument("--prefill-len", type=positive, default=512, help="prefill measure: tokens per prompt")

@@ -327,21 +327,26 @@ def pack(examples, seq_len, pad_id):
 
 # ----------------------------------------------------------------------------- synthetic task (the CPU demo)
 
-def arithmetic(n, seed=0, terms=3, digits=2):
+def arithmetic(n, seed=0, terms=3, digits=2, labels=False):
     """`n` problems "a+b+c" with exact answers and three demonstrations each: `steps` writes every partial
     sum ("47+85=132\\n132+36=168\\n\\boxed{168}"), `checked` re-does the last addition as a check
     before the box ("verify: 132+36=168"), `direct` writes only the box. Writing the partial sums is
-    the path to the right answer for a small model: each line is one two-number addition."""
+    the path to the right answer for a small model: each line is one two-number addition. `labels`: each
+    term carries a letter, in the problem and in the steps ("a7+b3+c5", "a7+b3=10\\n10+c5=15"), so a small
+    model finds the next term by its letter (a copy it learns early) rather than by its position."""
     import random
+    if labels and terms > 26:
+        raise ValueError(f"arithmetic: labels name at most 26 terms, not {terms}")
     rng = random.Random(seed)
     out = []
     for i in range(n):
         xs = [rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in range(terms)]
-        lines, acc = [], xs[0]
-        for x in xs[1:]:
-            lines.append(f"{acc}+{x}={acc + x}")
+        shown = [f"{chr(97 + j)}{x}" if labels else str(x) for j, x in enumerate(xs)]
+        lines, acc = [f"{shown[0]}+{shown[1]}={xs[0] + xs[1]}"], xs[0] + xs[1]
+        for x, s in zip(xs[2:], shown[2:]):
+            lines.append(f"{acc}+{s}={acc + x}")
             acc += x
-        problem, answer = "+".join(map(str, xs)), str(acc)
+        problem, answer = "+".join(shown), str(acc)
         steps = "\n".join(lines)
         out.append(Record(f"arith-{seed}-{i}", problem, answer,
                           {"steps": f"{steps}\n\\boxed{{{answer}}}", "direct": f"\\boxed{{{answer}}}",

@@ -69,7 +69,7 @@ def build_model(path, seed=0, layers=4):
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
     tk.decoder = decoders.Fuse()
-    alphabet = "0123456789+=\n\\boxed{}Problem: system verify"
+    alphabet = "0123456789+=\n\\boxed{}Problem: system verify abcdefghij"
     tk.train_from_iterator([alphabet], trainers.BpeTrainer(vocab_size=len(specials) + len(set(alphabet)),
                                                            special_tokens=specials, show_progress=False))
     write_tokenizer(path, tk, TEMPLATE, "<|end|>", "<|pad|>")
@@ -117,7 +117,7 @@ def run(args):
     cli.interrupt_note = f"the demo's partial run is in {out}; remove it to run the demo again"
     t0 = time.perf_counter()
     base = build_model(os.path.join(out, "base"), args.seed)
-    problems = arithmetic(args.demo_problems + args.demo_heldout, seed=args.seed, terms=10, digits=1)
+    problems = arithmetic(args.demo_problems + args.demo_heldout, seed=args.seed, terms=10, digits=1, labels=True)
     heldout, pool = problems[:args.demo_heldout], problems[args.demo_heldout:]
     half = len(pool) // 2
     styles, weights = parse_mix(args.demo_mix)

@@ -10,6 +10,7 @@ truncation and no-answer rates, behaviour-proxy rates and tokens/s. Both grading
 always reported: `strict` (the last \\boxed{} only) and `paper` (the Qwen2.5-Math harness the RLSP
 authors used: the box, else "the answer is", else the last number).
 """
+import argparse
 import json
 import math
 import os
@@ -140,10 +141,10 @@ def append_samples(path, lines):
 
 def sample_records(model, tokenizer, records, out_dir=None, samples=1, temperature=0.0, top_p=1.0,
                    max_new_tokens=1024, prompt="paper", extract="strict", batch_size=32, seed=0, progress=True,
-                   workers=None):
+                   workers=None, compiled=False):
     """Sample `samples` responses per record and grade them in both harnesses; returns the sample lines,
     record by record. With `out_dir`, lines are appended to out_dir/samples.jsonl batch by batch and
-    finished batches are skipped on a rerun."""
+    finished batches are skipped on a rerun. `compiled`: generate's compiled decode step (--compile)."""
     from tqdm import tqdm
     from rlsp import sample
     work = [(r, k) for r in records for k in range(samples)]
@@ -163,7 +164,7 @@ def sample_records(model, tokenizer, records, out_dir=None, samples=1, temperatu
         t0 = time.perf_counter()
         # The seed depends on the batch index only, so a resumed run redraws exactly the same samples.
         outs = sample(model, tokenizer, [r.problem for r, _ in batch], 1, max_new_tokens, temperature, top_p,
-                      prompt, seed=seed + b)
+                      prompt, seed=seed + b, compiled=compiled)
         share = (time.perf_counter() - t0) / len(batch)
         responses = [c.text for c in outs]
         golds = [r.answer for r, _ in batch]
@@ -283,6 +284,8 @@ def parser():
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="weights the sampler reads: auto = bf16 on GPU; on CPU fp32, or bf16 where the CPU has bf16 "
                         "units and it measures faster (model.sampling_dtype)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (torch.compile; CUDA graphs on GPU): default on GPU, off on CPU")
     p.add_argument("--problem-field", default="problem", help="for a JSONL file")
     p.add_argument("--answer-field", default="answer", help="for a JSONL file")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two finished runs")
@@ -300,7 +303,7 @@ def main(argv=None):
         p.error(f"--samples {args.samples} with --temperature 0 draws the same greedy response {args.samples} times; "
                 f"use --temperature > 0 (e.g. 0.6) or --samples 1")
     import torch
-    from model import Config, Tokenizer, Transformer, local_folder, sampling_dtype
+    from model import Config, Tokenizer, Transformer, compile_decode, local_folder, sampling_dtype
     cli.check_device(p, args.device)
     out = args.out or os.path.join("runs", f"eval-{os.path.splitext(os.path.basename(args.data))[0]}")
     records = load_dataset(args.data, args.data_dir, limit=args.limit, problem_field=args.problem_field,
@@ -334,7 +337,7 @@ def main(argv=None):
     cli.interrupt_note = f"finished batches are kept in {os.path.join(out, 'samples.jsonl')}; rerun the same command to continue"
     s = evaluate(model, tokenizer, records, out, args.extract, samples=args.samples, temperature=args.temperature,
                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, prompt=args.prompt, batch_size=args.batch_size,
-                 seed=args.seed)
+                 seed=args.seed, compiled=compile_decode(args.compile, device))
     print_summary(args, s, out)
     return s
 

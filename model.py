@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -200,9 +201,10 @@ class Linear(nn.Linear):
     unpackable = set()  # dtypes this torch build could not pack (then F.linear, for every layer)
 
     def forward(self, x):
+        # Not under autocast (F.linear runs it in bf16) nor torch.compile (inductor picks its own kernels).
         if x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.dtype == x.dtype \
                 and x.dtype in (torch.float32, torch.bfloat16) and x.dtype not in self.unpackable \
-                and self.packable and not torch.is_autocast_enabled("cpu"):  # autocast: F.linear runs it in bf16
+                and self.packable and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling():
             w = self.packed_weight()
             if w is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
@@ -799,7 +801,6 @@ def sampling_dtype(cfg: Config, device, rows=16, margin=1.15):
 def _measure_sampling_dtype(cfg: Config, rows, margin):
     """bf16 if a decode-shaped product of `cfg`'s MLP width over more weights than the caches hold runs at
     least `margin` times faster in packed bf16 than in packed fp32, else fp32 (see sampling_dtype)."""
-    import time
     n = max(2, math.ceil(4 * CACHE_BYTES / (cfg.hidden_size * cfg.intermediate_size * 4)))  # > the caches
     layers = [Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) for _ in range(n)]
     x = torch.randn(rows, cfg.hidden_size)
@@ -827,9 +828,10 @@ class Completion:
     finished: bool  # True: ended on a stop id; False: cut off at max_new_tokens
 
 
-def sample_token(logits, temperature, top_p, top_k, generator):
-    """Next tokens (B,) and their log-probs under softmax(logits / temperature). Top-k / top-p only
-    restrict which tokens may be drawn; the reported log-prob is the one the trainer recomputes."""
+def sample_token(logits, temperature, top_p, top_k, u=None):
+    """Next tokens (B,) and their log-probs under softmax(logits / temperature), drawn with the uniforms
+    `u` (B,) in [0, 1) (unused when greedy). Top-k / top-p only restrict which tokens may be drawn; the
+    reported log-prob is the one the trainer recomputes."""
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
@@ -848,8 +850,7 @@ def sample_token(logits, temperature, top_p, top_k, generator):
     # noise for 32 rows x 49k tokens costs ~27 ms a step, this ~1.3 ms.
     probs = filtered.exp()
     cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
+    tok = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
     # u can round up to the total (about once in 2^24 draws): never return a token top-k / top-p removed
     tok = torch.where(probs.gather(-1, tok[:, None]).squeeze(-1) > 0, tok, filtered.argmax(-1))
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
@@ -878,9 +879,106 @@ def row_groups(pads, block):
     return groups
 
 
+# ----------------------------------------------------------------------------- the decode step
+
+def decode_step(model, caches, tok, pad, cache_pos, keys, groups=None):
+    """One decode step of generate, for rows i < B = len(tok): token tok[i] goes into cache slot `cache_pos`
+    (position cache_pos - pad[i]) and attends over the slots `keys` (0 .. S-1) from its row's first real
+    one (pad[i]) to its own. `caches` are the whole buffers (rows from B on and slots from S on are not
+    read). `groups` (eager, CPU): rows a:b skip their first s slots, all padding (row_groups). Returns the
+    next-token logits, B x V in fp32. CompiledDecode runs this same function compiled."""
+    B, S = tok.shape[0], keys.shape[0]
+    mask = ((keys[None] >= pad[:, None]) & (keys[None] <= cache_pos))[:, None, None]
+    if groups is not None:
+        mask = [(a, b, s, mask[a:b, ..., s:]) for a, b, s in groups]
+    h = model.hidden_states(tok[:, None], (cache_pos - pad)[:, None], mask,
+                            [(k[:B, :, :S], v[:B, :, :S]) for k, v in caches], cache_pos)
+    return model.lm_head(h[:, -1]).float()
+
+
+COMPILE_STATS = {"compiles": 0, "seconds": 0.0, "graphs": 0}  # this process's: inductor compiles of
+_compiled_step = None                                          # decode_step, time in them, CUDA graphs captured
+
+
+def _inductor(gm, example_inputs):  # torch.compile's inductor backend, counted
+    from torch._inductor.compile_fx import compile_fx
+    COMPILE_STATS["compiles"] += 1
+    return compile_fx(gm, example_inputs)
+
+
+def compiled_decode_step(*args):
+    """decode_step compiled by torch.compile (inductor, whole graph), timing the calls that compile. Only the
+    dimensions CompiledDecode marks are dynamic: a model of other shapes compiles a graph of its own rather
+    than making its head counts and widths symbolic (torch.compile's automatic dynamic shapes)."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_step, backend=_inductor, fullgraph=True)
+    before, t0 = COMPILE_STATS["compiles"], time.perf_counter()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        logits = _compiled_step(*args)
+    if COMPILE_STATS["compiles"] != before:
+        COMPILE_STATS["seconds"] += time.perf_counter() - t0
+    return logits
+
+
+def compile_decode(flag, device):
+    """--compile / --no-compile, else the default: compiled on GPU, where an eager decode loop is bound by
+    kernel launches; eager on CPU, where compiling measured no faster for real models (docs/speed.md)."""
+    return flag if flag is not None else torch.device(device).type == "cuda"
+
+
+class CompiledDecode:
+    """generate's decode step compiled once for every batch size and window: the row and slot dimensions
+    are marked dynamic, so neither a new rollout batch nor a growing window recompiles (a test counts).
+    On CUDA each (rows, window) bucket is captured as a CUDA graph and replayed: one launch a token instead
+    of ~12 kernels a layer, the launch-bound part of an eager decode loop. generate keeps buckets few
+    (rows in powers of two, windows in eighths of the cache), and only the bucket in use holds a graph:
+    within a call rows only shrink and windows only grow. The graphs live as long as the call, as its
+    caches do; torch.compile's own graphs (mode="reduce-overhead") would re-record at every call's new
+    cache addresses, and stop after 128 re-recordings."""
+
+    def __init__(self, model, caches, rows, length):
+        device = caches[0][0].device
+        self.model, self.caches, self.cuda = model, caches, device.type == "cuda"
+        self.tok = torch.zeros(rows, dtype=torch.long, device=device)  # the graphs' inputs, at fixed addresses
+        self.pad = torch.zeros(rows, dtype=torch.long, device=device)
+        self.keys = torch.arange(length, device=device)
+        self.bucket = self.graph = self.logits = None
+        for c in (c for kv in caches for c in kv):
+            torch._dynamo.maybe_mark_dynamic(c, 0)
+            torch._dynamo.maybe_mark_dynamic(c, 2)
+
+    def __call__(self, tok, pad, cache_pos, window):
+        """Logits of the first len(tok) rows. At least 2 rows run: a batch of one would compile a graph of its
+        own (torch.compile specializes sizes 0 and 1); the spare row's tokens and logits are left over."""
+        n = max(2, len(tok))
+        self.tok[:len(tok)].copy_(tok)
+        self.pad[:len(tok)].copy_(pad)
+        args = (self.model, self.caches, self.tok[:n], self.pad[:n], cache_pos, self.keys[:window])
+        for x in (args[2], args[3], args[5]):
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        if not self.cuda:
+            return compiled_decode_step(*args)[:len(tok)]
+        if self.bucket != (n, window):
+            self.graph = self.logits = None  # the last bucket's graph and its memory go first
+            side = torch.cuda.Stream()  # warm up off the capture stream: compiling, autotuning, workspaces
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                compiled_decode_step(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the kernels; replay runs them. The step writes only
+                self.logits = compiled_decode_step(*args)  # slot cache_pos, so running it twice is harmless
+            self.bucket = (n, window)
+            COMPILE_STATS["graphs"] += 1
+        self.graph.replay()
+        return self.logits[:len(tok)]
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(),
-             seed=None, pad_id=0, samples=1, check_every=8, prefill_tokens=4096, kv_block=128, group_block=64):
+             seed=None, pad_id=0, samples=1, check_every=8, prefill_tokens=4096, kv_block=128, group_block=64,
+             compiled=False):
     """Sample continuations of many prompts (lists of token ids) at once: `samples` of each, returned
     prompt by prompt (prompt 0's samples, then prompt 1's, ...). Each prompt is prefilled once and its
     KV cache copied to its `samples` rows (a GRPO group shares one prefill).
@@ -891,7 +989,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     the whole batch against a preallocated KV cache (batch x max length) with the same shapes every
     step. Every `check_every` steps the host looks at which rows have hit a stop id: it stops when all
     have, and drops finished rows from the batch once at least half are done, so short answers stop
-    costing compute."""
+    costing compute. `compiled`: the decode step runs compiled (CompiledDecode; CUDA graphs on GPU), rows
+    and windows in buckets; the same tokens as eager at temperature 0 in fp32 (test)."""
     cfg = model.config
     device = model.inv_freq.device
     dtype = model.model.embed_tokens.weight.dtype
@@ -911,7 +1010,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 
     lengths = [len(p) for p in prompts]
     pad = torch.tensor([P - n for n in lengths], device=device).repeat_interleave(G)
-    kv_shape = (B, cfg.num_key_value_heads, L, cfg.head_dim)
+    # Compiled: one spare slot, so that no window spans the whole buffer, and at least 2 rows (CompiledDecode):
+    # either would compile a second graph.
+    kv_shape = (max(B, 2) if compiled else B, cfg.num_key_value_heads, L + 1 if compiled else L, cfg.head_dim)
     caches = [(torch.zeros(kv_shape, device=device, dtype=dtype), torch.zeros(kv_shape, device=device, dtype=dtype))
               for _ in range(cfg.num_hidden_layers)]
     logits = torch.empty(B, cfg.vocab_size, device=device)
@@ -947,9 +1048,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     # on GPU one call for the whole batch (kernel launches cost more than reading padding).
     group_block = group_block if device.type == "cpu" else L
     groups = row_groups(pad.tolist(), group_block)
+    if compiled:  # windows in eighths of the cache (kv_block multiples): few buckets, few CUDA graphs
+        kv_block = kv_block * math.ceil(L / (8 * kv_block))
+        step = CompiledDecode(model, caches, max(B, 2), L + 1)
     cache_pos = torch.full((1,), P - 1, device=device)  # the slot this step's token is written to
     for t in range(max_new_tokens):
-        tok, lp = sample_token(logits, temperature, top_p, top_k, generator)
+        # A uniform for every row of the call, live or not: a row's draws never depend on which rows are
+        # still in the batch, so compacting (eagerly, or to the compiled step's buckets) changes no token.
+        u = torch.rand(B, generator=generator, device=device)[rows] if temperature else None
+        tok, lp = sample_token(logits, temperature, top_p, top_k, u)
         tok = torch.where(live_done, pad_id, tok)
         out_tok[rows, t] = torch.where(live_done, -1, tok)
         out_lp[rows, t] = lp
@@ -961,23 +1068,25 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             n_done = int(live_done.sum())
             if n_done == len(rows):
                 break
-            if n_done * 2 >= len(rows):  # compact: drop finished rows from every tensor of the batch
-                keep = (~live_done).nonzero().squeeze(1)
+            # Compiled, rows come in powers of two: finished rows fill the bucket (they stay finished).
+            size = len(rows) - n_done if not compiled else 1 << (len(rows) - n_done - 1).bit_length()
+            if n_done * 2 >= len(rows) and size < len(rows):  # compact: drop finished rows from the batch
+                keep = torch.cat(((~live_done).nonzero(), live_done.nonzero()[:size - len(rows) + n_done])).squeeze(1)
                 rows, pad, tok, live_done = rows[keep], pad[keep], tok[keep], live_done[keep]
                 # Layer by layer, into the front of the same buffers: one layer's rows in flight at a time,
                 # never a second cache.
-                caches = [tuple(c[:len(keep)].copy_(c[keep]) for c in kv) for kv in caches]
+                for c in (c for kv in caches for c in kv):
+                    c[:size].copy_(c[keep])
                 groups = row_groups(pad.tolist(), group_block)
         cur = P + t
         # Attend over the cache prefix rounded up to `kv_block` keys: no reading of slots not yet
-        # written, and only L / kv_block distinct shapes (compile-friendly).
+        # written, and only L / kv_block distinct windows.
         S = min(L, (cur // kv_block + 1) * kv_block)
         cache_pos += 1  # on the device: no host-to-device copy per token
-        mask = ((key_idx[None, :S] >= pad[:, None]) & (key_idx[None, :S] <= cur))[:, None, None]
-        group_masks = [(a, b, s, mask[a:b, ..., s:]) for a, b, s in groups]
-        h = model.hidden_states(tok[:, None], (cur - pad)[:, None], group_masks,
-                                [(k[:, :, :S], v[:, :, :S]) for k, v in caches], cache_pos)
-        logits = model.lm_head(h[:, -1]).float()
+        if compiled:
+            logits = step(tok, pad, cache_pos, S)
+        else:
+            logits = decode_step(model, caches, tok, pad, cache_pos, key_idx[:S], groups)
 
     out_tok, out_lp, n_steps = out_tok.cpu(), out_lp.cpu(), n_steps.cpu()
     stop_set = set(stop_token_ids)

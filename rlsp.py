@@ -132,8 +132,8 @@ def rl_step(run, problems, s, step, seed, optimizer_step, episodes_file=None, ep
     `optimizer_step(loss)` clips, checks and applies one update; the policy update calls it for every
     minibatch of every PPO epoch."""
     t0 = time.perf_counter()
-    episodes = run.rollout.together(lambda weights, mine: rollout(weights, run.tokenizer, mine[0], s, mine[1]),
-                                    (problems, seed))
+    episodes = run.rollout.together(
+        lambda weights, mine: rollout(weights, run.tokenizer, mine[0], s, mine[1], run.rollout.compiled), (problems, seed))
     t_rollout = time.perf_counter() - t0
     grade_episodes(episodes)
     alpha = decayed_alpha(s, step)
@@ -165,17 +165,18 @@ class Sample:
     text: str
 
 
-def sample(model, tokenizer, problems, n, max_new_tokens, temperature=0.7, top_p=1.0, prompt="paper", seed=None):
+def sample(model, tokenizer, problems, n, max_new_tokens, temperature=0.7, top_p=1.0, prompt="paper", seed=None,
+           compiled=False):
     """render prompts -> generate `n` responses to each problem (one prefill per problem) -> strip stop
     ids -> decode. Returns len(problems) * n Samples, problem by problem. Rollouts, --filter-solved and
-    eval.py all sample through here."""
+    eval.py all sample through here; `compiled`: generate's compiled decode step (--compile)."""
     from data import render_prompt
     from model import generate
     prompts = [render_prompt(tokenizer, p, prompt) for p in problems]
     was_training = model.training
     model.eval()
     outs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, samples=n,
-                    stop_token_ids=tokenizer.stop_token_ids, seed=seed, pad_id=tokenizer.pad_token_id)
+                    stop_token_ids=tokenizer.stop_token_ids, seed=seed, pad_id=tokenizer.pad_token_id, compiled=compiled)
     model.train(was_training)
     stops = set(tokenizer.stop_token_ids)
     return [Sample(prompts[i // n], c.tokens, c.logprobs, c.finished,
@@ -198,11 +199,11 @@ class Episode:
     rewards: dict = field(default_factory=dict)
 
 
-def rollout(model, tokenizer, records, s, seed=None):
+def rollout(model, tokenizer, records, s, seed=None, compiled=False):
     """`s.group_size` responses to each record, sampled at `s.temperature` from `model` (the rollout
     weights: a bf16 copy of the policy on GPU, see RolloutWeights)."""
     samples = sample(model, tokenizer, [r.problem for r in records], s.group_size, s.max_new_tokens,
-                     s.temperature, s.top_p, s.prompt, seed)
+                     s.temperature, s.top_p, s.prompt, seed, compiled)
     return [Episode(records[i // s.group_size], x.prompt_ids, x.tokens, x.logprobs, x.finished, x.text,
                     i // s.group_size) for i, x in enumerate(samples)]
 
@@ -216,10 +217,12 @@ class RolloutWeights:
     group samples together (`together`). The copy is refreshed when the policy has been updated since it
     was made: `model.updates`, which train.py advances after every optimizer step
     (Transformer.weights_changed). A weight's version counter would not do: fused AdamW updates weights
-    without bumping it, and the sampler would draw from the step-0 policy forever."""
+    without bumping it, and the sampler would draw from the step-0 policy forever. `compiled`: the sampler
+    runs generate's compiled decode step (--compile)."""
 
-    def __init__(self, model, dtype, sharded=False, tp_mesh=None):
+    def __init__(self, model, dtype, sharded=False, tp_mesh=None, compiled=False):
         self.model, self.copy, self.copied_at, self.sharded, self.tp_mesh = model, None, None, sharded, tp_mesh
+        self.compiled = compiled
         device = model.inv_freq.device
         if tp_mesh is not None:
             import tp
@@ -951,7 +954,7 @@ def solved_filter(run, records, s, batch=64):
         for chunk in chunks:
             eps = [Episode(r, x.prompt_ids, x.tokens, x.logprobs, x.finished, x.text, j) for j, (r, x) in enumerate(
                 zip(chunk, sample(weights, run.tokenizer, [r.problem for r in chunk], 1, s.max_new_tokens,
-                                  temperature=0, prompt=s.prompt)))]
+                                  temperature=0, prompt=s.prompt, compiled=run.rollout.compiled)))]
             grade_episodes(eps)
             keep += [e.record.id for e in eps if not e.verdict.correct]
         return keep

@@ -15,6 +15,7 @@ PPO updates). Both: AdamW(0.9, 0.95), cosine schedule with warm-up and a floor a
 at 1.0; bf16 autocast on GPU with fp32 master weights. Checkpoints are HF folders plus trainer state,
 written to a temporary folder and renamed; `--resume` continues exactly.
 """
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -130,6 +131,9 @@ def parser():
     g.add_argument("--rollout-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights the sampler reads: auto = a bf16 copy on GPU; on CPU the fp32 policy, or a bf16 "
                         "copy where the CPU has bf16 units and it measures faster (model.sampling_dtype)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the sampler's decode step (torch.compile; CUDA graphs on GPU): default on GPU, off "
+                        "on CPU; compile time is logged (compile_s)")
     g.add_argument("--tp", type=positive, default=1,
                    help="sample from a copy of the policy split over groups of this many ranks (tensor parallel, "
                         "tp.py; under torchrun): each holds 1/N of the copy and of its KV cache")
@@ -190,6 +194,9 @@ def parse_args(argv=None):
     if args.tp > 1 and not args.dry_run and not TORCHRUN:
         p.error(f"--tp {args.tp} splits the sampler over the processes of torchrun: run it as torchrun "
                 f"--nproc_per_node N train.py ... with N a multiple of {args.tp}")
+    if args.tp > 1 and args.compile:
+        p.error(f"--compile covers the whole-model sampler only; --tp {args.tp} samples eagerly (its split "
+                f"copy's collectives are not captured): drop one of them")
     if args.offload and not args.fsdp:
         p.error("--offload moves FSDP's shards to CPU memory: add --fsdp")
     if args.fsdp and not args.dry_run and not TORCHRUN:
@@ -654,11 +661,16 @@ def rl_step(run, args, step):
     P = args.prompts_per_step
     idx = step_rows(run.records, step, P * run.world, args.seed)[run.rank * P:(run.rank + 1) * P]
     log = run.rank == 0 and args.episodes_every and step % args.episodes_every == 0
-    return rlsp.rl_step(run, [run.records[i] for i in idx], run.settings, step,
-                        seed=args.seed * 1_000_003 + step * run.world + run.rank,
-                        optimizer_step=functools.partial(optimizer_update, run, args, step),
-                        episodes_file=os.path.join(args.out, "episodes.jsonl") if log else None,
-                        episodes_logged=args.episodes_logged)
+    row = rlsp.rl_step(run, [run.records[i] for i in idx], run.settings, step,
+                       seed=args.seed * 1_000_003 + step * run.world + run.rank,
+                       optimizer_step=functools.partial(optimizer_update, run, args, step),
+                       episodes_file=os.path.join(args.out, "episodes.jsonl") if log else None,
+                       episodes_logged=args.episodes_logged)
+    if run.rollout.compiled:  # so far in this process: a compile after the first steps would show here
+        from model import COMPILE_STATS
+        row.update(compiles=COMPILE_STATS["compiles"], compile_s=COMPILE_STATS["seconds"],
+                   cuda_graphs=COMPILE_STATS["graphs"])
+    return row
 
 
 def make_optimizer(model, lr, weight_decay=0.0):
@@ -692,7 +704,7 @@ STAGES = {"sft": (sft_setup, sft_step), "rl": (rl_setup, rl_step)}
 
 def train(args):
     from tqdm import tqdm
-    from model import Config, Tokenizer, Transformer, sampling_dtype
+    from model import Config, Tokenizer, Transformer, compile_decode, sampling_dtype
 
     rank, world, device = setup_distributed(args.device, args.offload)
     if args.dry_run:
@@ -751,7 +763,8 @@ def train(args):
             name = name[0]
         run.rollout_dtype = name
         run.rollout = rlsp.RolloutWeights(model, getattr(torch, name), args.fsdp,
-                                          tp.mesh(device, args.tp) if args.tp > 1 else None)
+                                          tp.mesh(device, args.tp) if args.tp > 1 else None,
+                                          compile_decode(args.compile, device) and args.tp == 1)
     setup, step_fn = STAGES[args.stage]
     described = setup(run, args)
     if rank == 0:
@@ -898,7 +911,8 @@ def benchmark_eval(run, args, step):
     records = load_dataset(args.eval_data, args.data_dir, limit=args.eval_limit)
     lines = run.rollout.together(  # every rank: gathering the weights, or sampling split with --tp, is collective
         lambda weights, mine: sample_records(weights, run.tokenizer, mine, max_new_tokens=args.eval_max_new_tokens,
-                                             prompt=args.prompt, progress=False), records[run.rank::run.world])
+                                             prompt=args.prompt, progress=False, compiled=run.rollout.compiled),
+        records[run.rank::run.world])
     if dist.is_initialized():
         parts = [None] * run.world
         dist.all_gather_object(parts, lines)

@@ -249,6 +249,15 @@ def test_arithmetic_demonstrations():
     from verifier import BEHAVIOURS
     assert BEHAVIOURS["verification"].search(problems[0].meta["checked"])
     assert not BEHAVIOURS["verification"].search(problems[0].meta["steps"])
+    labelled = data.arithmetic(200, seed=3, terms=4, digits=2, labels=True)  # the same sums, each term lettered
+    for r, plain in zip(labelled, problems):
+        assert r.problem == "+".join(f"{c}{x}" for c, x in zip("abcd", plain.problem.split("+")))
+        assert r.answer == plain.answer and grade(r.meta["checked"], r.answer, mode="last_boxed").correct
+        xs = plain.problem.split("+")
+        assert r.meta["steps"].split("\n")[:2] == [f"a{xs[0]}+b{xs[1]}={int(xs[0]) + int(xs[1])}",
+                                                    f"{int(xs[0]) + int(xs[1])}+c{xs[2]}={sum(map(int, xs[:3]))}"]
+    with pytest.raises(ValueError, match="at most 26 terms"):
+        data.arithmetic(1, terms=27, labels=True)
 
 
 def test_sft_with_thinking(tiny_qwen3):

@@ -134,6 +134,30 @@ def test_batched_greedy_decoding_matches_transformers(folders):
     assert [c.tokens for c in outs] == theirs
 
 
+def test_compiled_decode_step_equals_eager(folders):
+    """generate(compiled=True): torch.compile's inductor kernels, replayed as a CUDA graph per (rows, window)
+    bucket. fp32 without TF32, mixed prompt lengths, groups of samples, stop ids that end rows early (so the
+    batch shrinks through several row buckets and the window grows through several): eager's tokens. Then
+    bf16 at temperature 1 with other prompts: no new compile, new graphs only."""
+    import model as model_module
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ours = Transformer.from_pretrained(folders["smollm2"], device=DEVICE, dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (7, 31, 64, 18, 130, 3)]
+    stops = [int(t) for t in torch.randint(3, 400, (40,), generator=g)]
+    eager = generate(ours, prompts, 300, temperature=0, samples=2, stop_token_ids=stops)
+    compiled = generate(ours, prompts, 300, temperature=0, samples=2, stop_token_ids=stops, compiled=True)
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    assert len({len(c.tokens) for c in eager}) > 2
+    compiles, graphs = model_module.COMPILE_STATS["compiles"], model_module.COMPILE_STATS["graphs"]
+    assert graphs > 0 or not CUDA
+    sampler = Transformer.from_pretrained(folders["smollm2"], device=DEVICE, dtype=torch.bfloat16)
+    generate(sampler, prompts[:3], 200, temperature=1.0, seed=0, samples=4, stop_token_ids=stops, compiled=True)
+    generate(sampler, prompts[2:], 100, temperature=1.0, seed=1, samples=3, stop_token_ids=stops, compiled=True)
+    assert model_module.COMPILE_STATS["compiles"] <= compiles + 1  # the bf16 weights: one graph more at most
+    assert model_module.COMPILE_STATS["graphs"] > graphs or not CUDA
+
+
 # ----------------------------------------------------------------------------- attention kernels
 
 @cuda_only
@@ -325,4 +349,5 @@ def test_bench_on_the_gpu_prints_its_table():
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| sampling, uniform prompts, new tokens/s" in p.stdout and "rows token-identical" in p.stdout
     assert "share of the memory-bandwidth limit" in p.stdout
+    assert "| sampling, uniform prompts, rlsp compiled" in p.stdout and "compiled decode step:" in p.stdout
     print(p.stdout)

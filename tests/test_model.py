@@ -299,16 +299,16 @@ def test_sample_token_draws_the_softmax_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]).repeat(200_000, 1)
     g = torch.Generator().manual_seed(0)
     p = (logits[0] / 0.7).softmax(-1)
-    tok, lp = sample_token(logits, 0.7, 1.0, 0, g)
+    tok, lp = sample_token(logits, 0.7, 1.0, 0, torch.rand(len(logits), generator=g))
     freq = torch.bincount(tok, minlength=6).double() / len(tok)
     se = (p * (1 - p) / len(tok)).sqrt()
     assert ((freq - p).abs() <= 4 * se + 1e-9).all(), (freq, p)
     assert torch.allclose(lp, p.log()[tok])
-    tok, lp = sample_token(logits, 0.7, 1.0, 2, g)  # top-k 2: the first two only, renormalised
+    tok, lp = sample_token(logits, 0.7, 1.0, 2, torch.rand(len(logits), generator=g))  # top-k 2: the first two only, renormalised
     freq = torch.bincount(tok, minlength=6).double() / len(tok)
     assert freq[2:].sum() == 0 and abs(freq[0] - p[0] / p[:2].sum()) < 4e-3
     assert torch.allclose(lp, p.log()[tok])
-    tok, _ = sample_token(logits, 0.7, 0.8, 0, g)  # top-p 0.8: the smallest prefix holding 80% of the mass
+    tok, _ = sample_token(logits, 0.7, 0.8, 0, torch.rand(len(logits), generator=g))  # top-p 0.8: the smallest prefix holding 80% of the mass
     keep = int((p.cumsum(-1) - p < 0.8).sum())
     freq = torch.bincount(tok, minlength=6).double() / len(tok)
     assert freq[keep:].sum() == 0 and (freq[:keep] > 0).all()

@@ -72,6 +72,9 @@ def test_bad_tp_combinations_are_refused_at_start(tiny_llama, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--model", tiny_llama, *RL, "--offload", "--out", str(tmp_path / "c")])
     assert e.value.code == 2 and "--offload moves FSDP's shards to CPU memory: add --fsdp" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", tiny_llama, *RL, "--tp", "2", "--compile", "--dry-run", "--dry-run-gpus", "2"])
+    assert e.value.code == 2 and "--compile covers the whole-model sampler only" in capsys.readouterr().err
 
 
 def free_port():
