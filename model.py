@@ -939,7 +939,7 @@ class CompiledDecode:
 
     def __init__(self, model, caches, rows, length):
         device = caches[0][0].device
-        self.model, self.caches, self.cuda = model, caches, device.type == "cuda"
+        self.model, self.caches, self.cuda, self.device = model, caches, device.type == "cuda", device
         self.tok = torch.zeros(rows, dtype=torch.long, device=device)  # the graphs' inputs, at fixed addresses
         self.pad = torch.zeros(rows, dtype=torch.long, device=device)
         self.keys = torch.arange(length, device=device)
@@ -959,20 +959,35 @@ class CompiledDecode:
             torch._dynamo.maybe_mark_dynamic(x, 0)
         if not self.cuda:
             return compiled_decode_step(*args)[:len(tok)]
-        if self.bucket != (n, window):
-            self.graph = self.logits = None  # the last bucket's graph and its memory go first
-            side = torch.cuda.Stream()  # warm up off the capture stream: compiling, autotuning, workspaces
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                compiled_decode_step(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the kernels; replay runs them. The step writes only
-                self.logits = compiled_decode_step(*args)  # slot cache_pos, so running it twice is harmless
-            self.bucket = (n, window)
-            COMPILE_STATS["graphs"] += 1
-        self.graph.replay()
+        with torch.cuda.device(self.device):  # streams and graphs on the caches' GPU, whichever is current
+            if self.bucket != (n, window):
+                self.capture(args)
+                self.bucket = (n, window)
+            self.graph.replay()
         return self.logits[:len(tok)]
+
+    def capture(self, args):
+        """A new bucket's graph, after a warm-up on a side stream (compiling, autotuning, cuBLAS workspaces
+        happen outside the capture). The warm-up runs the step, the capture only records it, and the replay
+        that follows runs it again: harmless, as the step writes only slot cache_pos, from the same inputs.
+        capture_begin/capture_end rather than torch.cuda.graph, whose entry empties the allocator's caches
+        (the trainer's blocks and pinned host memory) at every capture; every bucket of the call records
+        into one memory pool, where the last bucket's graph is dropped first."""
+        self.graph = self.logits = None
+        if not hasattr(self, "stream"):
+            self.stream, self.pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            compiled_decode_step(*args)
+            self.stream.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin(pool=self.pool)
+            try:
+                self.logits = compiled_decode_step(*args)
+            finally:
+                self.graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        COMPILE_STATS["graphs"] += 1
 
 
 @torch.inference_mode()
@@ -1010,9 +1025,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 
     lengths = [len(p) for p in prompts]
     pad = torch.tensor([P - n for n in lengths], device=device).repeat_interleave(G)
-    # Compiled: one spare slot, so that no window spans the whole buffer, and at least 2 rows (CompiledDecode):
-    # either would compile a second graph.
-    kv_shape = (max(B, 2) if compiled else B, cfg.num_key_value_heads, L + 1 if compiled else L, cfg.head_dim)
+    # Compiled: windows of a multiple of 8 slots (on CUDA the memory-efficient kernel's mask alignment is a
+    # guard of the graph), one spare slot so that no window spans the whole buffer, at least 2 rows
+    # (CompiledDecode): each would otherwise compile a second graph.
+    Lw = -(-L // 8) * 8 if compiled else L  # the last window
+    kv_shape = (max(B, 2) if compiled else B, cfg.num_key_value_heads, Lw + 1 if compiled else L, cfg.head_dim)
     caches = [(torch.zeros(kv_shape, device=device, dtype=dtype), torch.zeros(kv_shape, device=device, dtype=dtype))
               for _ in range(cfg.num_hidden_layers)]
     logits = torch.empty(B, cfg.vocab_size, device=device)
@@ -1050,7 +1067,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     groups = row_groups(pad.tolist(), group_block)
     if compiled:  # windows in eighths of the cache (kv_block multiples): few buckets, few CUDA graphs
         kv_block = kv_block * math.ceil(L / (8 * kv_block))
-        step = CompiledDecode(model, caches, max(B, 2), L + 1)
+        step = CompiledDecode(model, caches, max(B, 2), Lw + 1)
     cache_pos = torch.full((1,), P - 1, device=device)  # the slot this step's token is written to
     for t in range(max_new_tokens):
         # A uniform for every row of the call, live or not: a row's draws never depend on which rows are
@@ -1081,7 +1098,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         cur = P + t
         # Attend over the cache prefix rounded up to `kv_block` keys: no reading of slots not yet
         # written, and only L / kv_block distinct windows.
-        S = min(L, (cur // kv_block + 1) * kv_block)
+        S = min(Lw, (cur // kv_block + 1) * kv_block)
         cache_pos += 1  # on the device: no host-to-device copy per token
         if compiled:
             logits = step(tok, pad, cache_pos, S)

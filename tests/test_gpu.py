@@ -137,8 +137,9 @@ def test_batched_greedy_decoding_matches_transformers(folders):
 def test_compiled_decode_step_equals_eager(folders):
     """generate(compiled=True): torch.compile's inductor kernels, replayed as a CUDA graph per (rows, window)
     bucket. fp32 without TF32, mixed prompt lengths, groups of samples, stop ids that end rows early (so the
-    batch shrinks through several row buckets and the window grows through several): eager's tokens. Then
-    bf16 at temperature 1 with other prompts: no new compile, new graphs only."""
+    batch shrinks through several row buckets and the window grows through several): eager's tokens, up to
+    near ties. Then bf16 at temperature 1 with other prompts and lengths (one compile for the bf16 weights),
+    on the cuda:0 device object passed explicitly: new graphs, no further compile."""
     import model as model_module
     torch.backends.cuda.matmul.allow_tf32 = False
     ours = Transformer.from_pretrained(folders["smollm2"], device=DEVICE, dtype=torch.float32)
@@ -147,8 +148,17 @@ def test_compiled_decode_step_equals_eager(folders):
     stops = [int(t) for t in torch.randint(3, 400, (40,), generator=g)]
     eager = generate(ours, prompts, 300, temperature=0, samples=2, stop_token_ids=stops)
     compiled = generate(ours, prompts, 300, temperature=0, samples=2, stop_token_ids=stops, compiled=True)
-    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
     assert len({len(c.tokens) for c in eager}) > 2
+    # cuBLAS may pick other kernels for the compiled step's row buckets than for eager's live rows (rounding
+    # only): a row may part from eager's at a near tie, never at a confident token.
+    for i, (x, y) in enumerate(zip(eager, compiled)):
+        j = next((j for j, (s, t) in enumerate(zip(x.tokens, y.tokens)) if s != t), None)
+        if j is None:
+            assert x.tokens == y.tokens
+            continue
+        with torch.no_grad():
+            logits = ours(torch.tensor([prompts[i // 2] + x.tokens[:j]], device=DEVICE))[0, -1]
+        assert abs((logits[x.tokens[j]] - logits[y.tokens[j]]).item()) < 1e-3, (i, j)
     compiles, graphs = model_module.COMPILE_STATS["compiles"], model_module.COMPILE_STATS["graphs"]
     assert graphs > 0 or not CUDA
     sampler = Transformer.from_pretrained(folders["smollm2"], device=DEVICE, dtype=torch.bfloat16)
