@@ -521,7 +521,8 @@ def run(args, path, label, device, dtype):
               f"{'transformers':>12} |")
         print(f"|{'-' * 20}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 15}|{'-' * 14}|")
         for name, span, per_step, a, c, b in shares:
-            print(f"| {name:<18} | {span:>9} | {per_step / 1e6:8.1f} | {a:6.1%} | {c:13.1%} | {b:12.1%} |")
+            compiled = f"{c:13.1%}" if c == c else f"{'-':>13}"  # nan: not timed (--no-compile)
+            print(f"| {name:<18} | {span:>9} | {per_step / 1e6:8.1f} | {a:6.1%} | {compiled} | {b:12.1%} |")
     if "rollout" in measures:
         a, b = bench_group_rollout(args, ours, prompts_for(args, ours.config.vocab_size), device)
         name = f"rollout, new tokens/s ({args.group_prompts} prompts x G={args.group_size} x {args.new_tokens})"
@@ -533,7 +534,13 @@ def run(args, path, label, device, dtype):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"
+    try:  # the CPU's name and vector units: ratios and even tokens move with them (docs/speed.md)
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+    except OSError:
+        cpu = "CPU"
+    units = torch.backends.cpu.get_cpu_capability() + (", native bf16" if native_bf16() else "")
+    return f"{cpu} ({units}), {torch.get_num_threads()} threads"
 
 
 def main(argv=None):

@@ -110,7 +110,7 @@ def run(args):
     import train
     from data import arithmetic
     from eval import evaluate, mean_ci95, read_samples
-    from model import Tokenizer, Transformer
+    from model import Tokenizer, Transformer, default_device
     out = args.out
     if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
         raise FileExistsError(f"{out} is not empty: remove it or pass another --out")
@@ -128,7 +128,7 @@ def run(args):
     with open(os.path.join(out, "rl.jsonl"), "w") as f:
         for r in pool[half:]:
             f.write(json.dumps({"problem": r.problem, "answer": r.answer}) + "\n")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # every stage and the eval on it
+    device = default_device(args.device)  # every stage and the eval on it
     common = ["--seed", str(args.seed), "--eval-every", "0", "--save-every", "1000000", "--warmup-steps", "10",
               "--device", device]
     sft = os.path.join(args.demo_sft or out, "sft")

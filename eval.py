@@ -247,13 +247,13 @@ RUN_SETTINGS = ("model", "data", "limit", "samples", "temperature", "top_p", "ma
 def check_out_folder(out, args):
     """Refuse to add samples to a folder written with other settings, naming each difference. A larger
     --limit is no other setting: the folder's samples are the first problems' and stay; the new problems
-    are added."""
+    are added. Returns the folder's saved settings ({} for a new folder)."""
     saved = os.path.join(out, "args.json")
     if not os.path.isfile(saved):
         if os.path.isfile(os.path.join(out, "samples.jsonl")):
             raise FileExistsError(f"{out} holds samples but no args.json saying how they were made; "
                                   f"choose another --out")
-        return
+        return {}
     with open(saved) as f:
         old = json.load(f)
     grows = old.get("limit") is not None and (args.limit is None or args.limit > old["limit"])
@@ -262,6 +262,7 @@ def check_out_folder(out, args):
     if changed:
         raise ValueError(f"{out} holds samples made with other settings ({'; '.join(changed)}); rerun with the "
                          f"same settings to resume it (a larger --limit adds problems), or choose another --out")
+    return old
 
 
 def parser():
@@ -303,14 +304,14 @@ def main(argv=None):
         p.error(f"--samples {args.samples} with --temperature 0 draws the same greedy response {args.samples} times; "
                 f"use --temperature > 0 (e.g. 0.6) or --samples 1")
     import torch
-    from model import Config, Tokenizer, Transformer, compile_decode, local_folder, sampling_dtype
+    from model import Config, Tokenizer, Transformer, compile_decode, default_device, local_folder, sampling_dtype
     cli.check_device(p, args.device)
     out = args.out or os.path.join("runs", f"eval-{os.path.splitext(os.path.basename(args.data))[0]}")
     records = load_dataset(args.data, args.data_dir, limit=args.limit, problem_field=args.problem_field,
                            answer_field=args.answer_field)
     if not records:
         raise ValueError(f"{args.data}: no problems to evaluate")
-    check_out_folder(out, args)
+    saved = check_out_folder(out, args)
     done = {(s["id"], s["sample"]) for s in read_samples(out)} if os.path.isfile(os.path.join(out, "samples.jsonl")) \
         else set()
     if all((r.id, k) in done for r in records for k in range(args.samples)):
@@ -318,14 +319,12 @@ def main(argv=None):
         s = write_summary([s for s in read_samples(out) if s["id"] in {r.id for r in records}], args.extract, out)
         print_summary(args, s, out)
         return s
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     path = local_folder(args.model)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else sampling_dtype(Config.from_pretrained(path), device)
     used = str(dtype).removeprefix("torch.")
-    saved = os.path.join(out, "args.json")
-    if os.path.isfile(saved):  # the precision the folder's samples were drawn in (before --dtype: the default)
-        with open(saved) as f:
-            before = json.load(f).get("dtype_used", "bfloat16" if torch.device(device).type == "cuda" else "float32")
+    if saved:  # the precision the folder's samples were drawn in (before --dtype: the default)
+        before = saved.get("dtype_used", "bfloat16" if torch.device(device).type == "cuda" else "float32")
         if before != used:
             raise ValueError(f"{out} holds samples drawn in {before}; this run would sample in {used} (--dtype "
                              f"{args.dtype}): pass --dtype {before} to resume it, or choose another --out")

@@ -93,6 +93,11 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.sa
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 
 
+def default_device(device=None):
+    """`device` if given (--device), else the first GPU where there is one, else the CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def local_folder(model, files=HUB_FILES):
     """A model folder on disk: `model` itself, or for a hub id (`org/name`, `org/name@revision`) the
     folder its `files` (patterns; all checkpoint files by default) are downloaded to once, in the
@@ -461,7 +466,7 @@ class Transformer(nn.Module):
         `dtype` (default fp32 on CPU, bf16 on GPU): no second full copy is ever held."""
         path = local_folder(path)
         cfg = Config.from_pretrained(path)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(default_device(device))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         with torch.device("meta"):
             model = cls(cfg)

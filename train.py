@@ -205,7 +205,8 @@ def parse_args(argv=None):
         if getattr(args, package) and importlib.util.find_spec(package) is None:
             p.error(f"--{package} needs the {package} package: pip install {package}")
     if args.micro_batch_tokens is None:
-        on_gpu = args.dry_run or (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        from model import default_device
+        on_gpu = args.dry_run or default_device(args.device).startswith("cuda")
         args.micro_batch_tokens = 16384 if on_gpu else 4096  # --dry-run plans for a GPU
     if args.stage == "rl":
         errors = rlsp.Settings.from_args(args).errors(args.prompts_per_step)
@@ -704,7 +705,7 @@ STAGES = {"sft": (sft_setup, sft_step), "rl": (rl_setup, rl_step)}
 
 def train(args):
     from tqdm import tqdm
-    from model import Config, Tokenizer, Transformer, compile_decode, sampling_dtype
+    from model import Config, Tokenizer, Transformer, compile_decode
 
     rank, world, device = setup_distributed(args.device, args.offload)
     if args.dry_run:
@@ -752,16 +753,8 @@ def train(args):
               tokenizer=tokenizer, rank=rank, world=world, device=device, sharded=args.fsdp, offload=args.offload,
               autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"))
     if args.stage == "rl" or args.eval_data:  # the weights the sampler reads (rollouts, the benchmark eval)
-        # auto: what the run sampled in before a resume, else rank 0's choice for every rank (a measurement
-        # on CPU: ranks timing at once on shared cores could disagree, and --tp's collectives need one dtype)
-        name = args.rollout_dtype if args.rollout_dtype != "auto" else (state.get("rollout_dtype") if resume_from
-                                                                         else None)
-        if name is None:
-            name = [str(sampling_dtype(model.config, device)).removeprefix("torch.") if rank == 0 else None]
-            if dist.is_initialized():
-                dist.broadcast_object_list(name, src=0)
-            name = name[0]
-        run.rollout_dtype = name
+        run.rollout_dtype = name = rollout_dtype(args.rollout_dtype, model.config, device, rank,
+                                                 state.get("rollout_dtype") if resume_from else None)
         run.rollout = rlsp.RolloutWeights(model, getattr(torch, name), args.fsdp,
                                           tp.mesh(device, args.tp) if args.tp > 1 else None,
                                           compile_decode(args.compile, device) and args.tp == 1)
@@ -926,6 +919,21 @@ def benchmark_eval(run, args, step):
     append_samples(os.path.join(out, "samples.jsonl"), lines)
     s = write_summary(lines, "strict", out)
     return {f"eval_{args.eval_data}_accuracy": s["accuracy"], f"eval_{args.eval_data}_mean_length": s["mean_length"]}
+
+
+def rollout_dtype(flag, cfg, device, rank, resumed=None):
+    """--rollout-dtype: the weights the sampler reads, by name. auto: what the run sampled in before a resume,
+    else rank 0's choice (model.sampling_dtype) for every rank: on CPU it is a measurement, ranks timing at
+    once on shared cores could disagree, and --tp's collectives need one dtype."""
+    from model import sampling_dtype
+    if flag != "auto":
+        return flag
+    if resumed is not None:
+        return resumed
+    name = [str(sampling_dtype(cfg, device)).removeprefix("torch.") if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
 
 
 def main(argv=None):

@@ -275,6 +275,11 @@ def test_bench_sampling_tables_on_cpu(tiny_llama, capsys):
     assert out.count("| sampling, uniform prompts, new tokens/s") == out.count("| uniform prompts ")
     assert "share of the memory-bandwidth limit" in out and "GB/s measured" in out
     assert "rlsp samples this model on this CPU in float32" in out  # tiny: fits the caches
+    assert f"({torch.backends.cpu.get_cpu_capability()}" in out  # the CPU named beside its figures
+    bench.main(["--model", tiny_llama, "--measures", "sampling", "--batch", "3", "--new-tokens", "4", "--repeats", "1",
+                "--no-compile"])
+    out = capsys.readouterr().out
+    assert "rlsp compiled" in out and "nan" not in out  # the untimed compiled column reads "-"
 
 
 # ----------------------------------------------------------------------------- 11. device flags

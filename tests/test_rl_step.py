@@ -12,7 +12,7 @@ import torch
 import rlsp
 import train
 from data import load_dataset
-from model import Transformer, Tokenizer
+from model import Config, Transformer, Tokenizer
 from verifier import Verdict
 
 
@@ -283,6 +283,15 @@ def test_resume_refuses_changed_algorithm_flags(tiny_llama, tmp_path):
         with pytest.raises(ValueError, match=f"{flag} "):
             train.main([*base, "--resume", flag, value])
     train.main([*base, "--resume", "--micro-batch-tokens", "64"])  # a memory knob is not part of the run
+
+
+def test_rollout_dtype_keeps_the_runs_precision(tiny_llama):
+    """--rollout-dtype: a name given is used; auto keeps what a resumed run sampled in (its trainer.pt says),
+    else model.sampling_dtype decides (fp32 for a model within the CPU's caches, with no timing)."""
+    cfg = Config.from_pretrained(tiny_llama)
+    assert train.rollout_dtype("bfloat16", cfg, "cpu", 0, resumed="float32") == "bfloat16"
+    assert train.rollout_dtype("auto", cfg, "cpu", 0, resumed="bfloat16") == "bfloat16"
+    assert train.rollout_dtype("auto", cfg, "cpu", 0) == "float32"
 
 
 def test_readme_single_gpu_recipe_fits_80gb_by_dry_run(tmp_path, capsys):
