@@ -429,7 +429,8 @@ def bench_rl_step(args):
                     best[side] = mean
     c = RL_STEP
     name = os.path.basename(os.path.normpath(args.model))
-    print(f"\nRL step, {name} fp32, {device_name(torch.device(args.device))}: "
+    weights = "fp32" if cpu else "fp32 weights, bf16 autocast"
+    print(f"\nRL step, {name} {weights}, {device_name(torch.device(args.device))}: "
           f"{c['prompts']} GSM8K-train prompts x G={c['group']} x <= {c['new_tokens']} new tokens, temperature "
           f"{c['temperature']}, GRPO, token-mean loss, no KL, one update")
     print(f"| {'seconds per step':<16} | {'rlsp':>7} | {'TRL GRPOTrainer':>15} | {'ratio':>6} |")

@@ -976,21 +976,25 @@ class CompiledDecode:
         happen outside the capture). The warm-up runs the step, the capture only records it, and the replay
         that follows runs it again: harmless, as the step writes only slot cache_pos, from the same inputs.
         capture_begin/capture_end rather than torch.cuda.graph, whose entry empties the allocator's caches
-        (the trainer's blocks and pinned host memory) at every capture; every bucket of the call records
-        into one memory pool, where the last bucket's graph is dropped first."""
-        self.graph = self.logits = None
+        (the trainer's blocks and pinned host memory) at every capture. Every bucket of the call records into
+        one memory pool, reusing the last bucket's memory; that graph is dropped only once the new capture
+        holds the pool: the allocator counts a pool's graphs, and a pool whose count fell to zero cannot be
+        captured into again (an internal assert)."""
+        old, self.graph, self.logits = self.graph, None, None  # the old logits' memory goes back to the pool
         if not hasattr(self, "stream"):
             self.stream, self.pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             compiled_decode_step(*args)
             self.stream.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            self.graph.capture_begin(pool=self.pool)
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self.pool)
             try:
                 self.logits = compiled_decode_step(*args)
             finally:
-                self.graph.capture_end()
+                graph.capture_end()
+        self.graph = graph
+        del old  # never replayed again
         torch.cuda.current_stream().wait_stream(self.stream)
         COMPILE_STATS["graphs"] += 1
 

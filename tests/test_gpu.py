@@ -138,14 +138,15 @@ def test_compiled_decode_step_equals_eager(folders):
     """generate(compiled=True): torch.compile's inductor kernels, replayed as a CUDA graph per (rows, window)
     bucket. fp32 without TF32, mixed prompt lengths, groups of samples, stop ids that end rows early (so the
     batch shrinks through several row buckets and the window grows through several): eager's tokens, up to
-    near ties. Then bf16 at temperature 1 with other prompts and lengths (one compile for the bf16 weights),
-    on the cuda:0 device object passed explicitly: new graphs, no further compile."""
+    near ties. Then bf16 at temperature 1 with other prompts and lengths (one compile for the bf16 weights):
+    new graphs, no further compile."""
     import model as model_module
     torch.backends.cuda.matmul.allow_tf32 = False
     ours = Transformer.from_pretrained(folders["smollm2"], device=DEVICE, dtype=torch.float32)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (7, 31, 64, 18, 130, 3)]
-    stops = [int(t) for t in torch.randint(3, 400, (40,), generator=g)]
+    free = generate(ours, prompts, 300, temperature=0)
+    stops = sorted({c.tokens[10 + 45 * i] for i, c in enumerate(free)})  # tokens the rows write: they end apart
     eager = generate(ours, prompts, 300, temperature=0, samples=2, stop_token_ids=stops)
     compiled = generate(ours, prompts, 300, temperature=0, samples=2, stop_token_ids=stops, compiled=True)
     assert len({len(c.tokens) for c in eager}) > 2
@@ -206,7 +207,8 @@ def test_decode_loop_syncs_once_per_check(folders):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= 64 // 8 + 6, len(syncs)
+    # one per check (7 before the last token), plus the set-up's and the results' copies (~7 now): never one a token
+    assert len(syncs) <= 64 // 8 + 12, len(syncs)
 
 
 # ----------------------------------------------------------------------------- the RL step
@@ -301,8 +303,10 @@ def sft_jsonl(path, n=64):
 
 def test_sigkill_and_resume_equals_the_straight_run(folders, tmp_path):
     """--resume on a GPU (it crashed when the random state was loaded onto the GPU): a run SIGKILLed after
-    its second of four checkpoints and resumed ends where the straight run ends (GPU kernels may reorder
-    sums: to float tolerance)."""
+    its second of four checkpoints and resumed ends where the straight run ends. Not bit for bit as on CPU
+    (tests/test_train.py): the memory-efficient attention's backward adds with atomics in any order, and AdamW
+    turns a near-zero gradient's rounding into a full step; so the two runs' final weights must differ by under
+    1% of how far training moved them (a lost optimizer state or a replayed batch moves them by far more)."""
     data = sft_jsonl(tmp_path / "sft.jsonl")
     common = [*SFT, "--max-steps", "40", "--save-every", "10", "--keep", "3"]
     train.main(train_argv(folders["small"], data, tmp_path / "straight", *common))
@@ -319,7 +323,12 @@ def test_sigkill_and_resume_equals_the_straight_run(folders, tmp_path):
     from safetensors.torch import load_file
     a = load_file(os.path.join(tmp_path, "straight", "final", "model.safetensors"))
     b = load_file(os.path.join(tmp_path, "killed", "final", "model.safetensors"))
-    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+    start = load_file(os.path.join(folders["small"], "model.safetensors"))
+    keys = a.keys() & start.keys()  # the same HF names (a tied head saved by neither)
+    assert len(keys) == len(a)
+    apart = sum(((a[k].float() - b[k].float()) ** 2).sum() for k in keys) ** 0.5
+    moved = sum(((a[k].float() - start[k].float()) ** 2).sum() for k in keys) ** 0.5
+    assert moved > 0 and apart < 0.01 * moved, (apart, moved)
     la = [json.loads(x)["loss"] for x in open(tmp_path / "straight" / "metrics.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(tmp_path / "killed" / "metrics.jsonl")]
     assert la == pytest.approx(lb, rel=1e-3)
