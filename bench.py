@@ -17,6 +17,7 @@ card's spec where known).
 import argparse
 import functools
 import json
+import math
 import os
 import tempfile
 import time
@@ -522,7 +523,7 @@ def run(args, path, label, device, dtype):
               f"{'transformers':>12} |")
         print(f"|{'-' * 20}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 15}|{'-' * 14}|")
         for name, span, per_step, a, c, b in shares:
-            compiled = f"{c:13.1%}" if c == c else f"{'-':>13}"  # nan: not timed (--no-compile)
+            compiled = f"{'-':>13}" if math.isnan(c) else f"{c:13.1%}"  # not timed under --no-compile
             print(f"| {name:<18} | {span:>9} | {per_step / 1e6:8.1f} | {a:6.1%} | {compiled} | {b:12.1%} |")
     if "rollout" in measures:
         a, b = bench_group_rollout(args, ours, prompts_for(args, ours.config.vocab_size), device)

@@ -304,7 +304,8 @@ def main(argv=None):
         p.error(f"--samples {args.samples} with --temperature 0 draws the same greedy response {args.samples} times; "
                 f"use --temperature > 0 (e.g. 0.6) or --samples 1")
     import torch
-    from model import Config, Tokenizer, Transformer, compile_decode, default_device, local_folder, sampling_dtype
+    from model import (Config, Tokenizer, Transformer, compile_decode, default_device, default_dtype, local_folder,
+                       sampling_dtype)
     cli.check_device(p, args.device)
     out = args.out or os.path.join("runs", f"eval-{os.path.splitext(os.path.basename(args.data))[0]}")
     records = load_dataset(args.data, args.data_dir, limit=args.limit, problem_field=args.problem_field,
@@ -324,7 +325,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else sampling_dtype(Config.from_pretrained(path), device)
     used = str(dtype).removeprefix("torch.")
     if saved:  # the precision the folder's samples were drawn in (before --dtype: the default)
-        before = saved.get("dtype_used", "bfloat16" if torch.device(device).type == "cuda" else "float32")
+        before = saved.get("dtype_used", str(default_dtype(device)).removeprefix("torch."))
         if before != used:
             raise ValueError(f"{out} holds samples drawn in {before}; this run would sample in {used} (--dtype "
                              f"{args.dtype}): pass --dtype {before} to resume it, or choose another --out")

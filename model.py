@@ -98,6 +98,11 @@ def default_device(device=None):
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_dtype(device):
+    """The weights' precision where none is asked for: bf16 on GPU, fp32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def local_folder(model, files=HUB_FILES):
     """A model folder on disk: `model` itself, or for a hub id (`org/name`, `org/name@revision`) the
     folder its `files` (patterns; all checkpoint files by default) are downloaded to once, in the
@@ -467,7 +472,7 @@ class Transformer(nn.Module):
         path = local_folder(path)
         cfg = Config.from_pretrained(path)
         device = torch.device(default_device(device))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = dtype or default_dtype(device)
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
