@@ -209,6 +209,29 @@ def test_logprobs_chunked_gradients(tiny_llama, keep_bytes):
     assert torch.allclose(g_chunked, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)
 
 
+def test_token_logprob_gradient_is_autograds_bit_for_bit():
+    """TokenLogprob's written-out backward gives the very bits autograd gives through logits[target] -
+    logsumexp(logits) (so runs before it are reproduced exactly), for repeated targets, rows of extreme
+    logits and an upstream gradient with zeros."""
+    from model import TokenLogprob
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 1000, generator=gen) * 4
+    logits[3] *= 50  # a row whose softmax is one-hot in fp32
+    target = torch.randint(0, 1000, (64,), generator=gen)
+    target[10:20] = 7
+    g = torch.randn(64, generator=gen)
+    g[::5] = 0
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = TokenLogprob.apply(a, target)
+    ref = b.gather(-1, target[:, None]).squeeze(-1) - b.logsumexp(-1)
+    (ours * g).sum().backward()
+    (ref * g).sum().backward()
+    assert torch.equal(ours, ref) and torch.equal(a.grad, b.grad)
+    onehot = F.one_hot(target, 1000).double()  # and the formula itself, in float64
+    want = g.double()[:, None] * (onehot - logits.double().softmax(-1))
+    assert torch.allclose(a.grad.double(), want, atol=1e-6)
+
+
 @pytest.mark.parametrize("fixture,checkpointing", [("tiny_llama", False), ("tiny_qwen", False), ("tiny_qwen", True),
                                                    ("tiny_qwen3", False)])
 def test_continuation_logprobs_equal_separate_sequences(fixture, checkpointing, request):
